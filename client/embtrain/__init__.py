@@ -1,0 +1,1 @@
+"""embtrain client SDK."""

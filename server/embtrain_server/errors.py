@@ -1,0 +1,57 @@
+"""Typed domain errors. Domain code raises these; one translator (``embtrain_server.translate``) maps them
+to gRPC status codes. Every message is public: it names the offending field and what was expected."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class. ``field`` names the request field at fault (``inputs.labels``, ``params.margin``)."""
+
+    code_name = "UNKNOWN"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.violations: list[tuple[str, str]] = [(field, message)] if field else []
+
+
+class InvalidArgument(ServiceError):
+    code_name = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError):
+    code_name = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    code_name = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    code_name = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServiceError):
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(ServiceError):
+    code_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    code_name = "PERMISSION_DENIED"
+
+
+class Unavailable(ServiceError):
+    code_name = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ServiceError):
+    code_name = "DEADLINE_EXCEEDED"
+
+
+def invalid(field: str, expected: str) -> InvalidArgument:
+    """``InvalidArgument`` whose message starts with the field: ``inputs.labels: length 31, expected 32``."""
+    return InvalidArgument(f"{field}: {expected}", field=field)

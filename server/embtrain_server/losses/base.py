@@ -1,0 +1,192 @@
+"""The contract every loss fulfils, and the registry that makes a new loss one new file.
+
+A loss class declares its wire ``name``, its ``inputs`` and its parameter ``schema``; an instance is one
+validated configuration (and, for stateful losses, the state a session keeps). ``forward`` receives tensors
+that are already decoded, validated against ``inputs``, on the compute device and in the compute dtype, with
+``requires_grad`` set on the differentiable ones, and returns a ``LossOutput``. The compute layer takes the
+gradients (autograd of ``LossOutput.loss``, unless the loss supplies them) and does the encoding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import FailedPrecondition, InvalidArgument
+from ..params import Param, Schema
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A named input tensor. ``dtype`` is "float" or "int"; ``shape`` is documentation ("[n, d]")."""
+
+    name: str
+    dtype: str
+    shape: str
+    required: bool = True
+    differentiable: bool = False
+    description: str = ""
+
+
+EMBEDDINGS = InputSpec("embeddings", "float", "[n, d]", True, True, "one embedding per row; finite")
+LABELS = InputSpec("labels", "int", "[n]", True, False, "integer class label per row")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Cross-batch memory as seen by a loss: detached rows (after the head) from earlier batches.
+
+    Label-based metric losses take anchors from the batch and positives/negatives from the batch followed by
+    these rows, so a candidate index ``j >= n`` means memory row ``j - n``.
+    """
+
+    embeddings: torch.Tensor  # [m, d], no grad
+    labels: torch.Tensor  # [m] int64
+    ids: torch.Tensor  # [m] int64 (-1 where the client sent no ids)
+
+
+@dataclass
+class ComputeContext:
+    """What a loss may know besides its inputs."""
+
+    device: torch.device
+    max_triplets: int  # cap on mined triplets returned (the total is still counted)
+    want_triplets: bool = True
+    want_per_item: bool = False
+    memory: Memory | None = None
+    training: bool = True  # False: compute only, never update state (e.g. validation calls)
+
+
+@dataclass
+class LossOutput:
+    """The result of one forward.
+
+    ``loss`` is a 0-dim tensor. If ``gradients`` is None the compute layer differentiates ``loss`` with
+    autograd with respect to every differentiable input; a loss that computes its gradients itself (to keep
+    memory O(n^2) in blockwise code) fills ``gradients`` by input name and may return a ``loss`` without graph.
+    ``triplets`` are the active triplets (int64 [k, 3], candidate indices), sorted lexicographically and
+    de-duplicated, at most ``ctx.max_triplets`` of them; ``triplets_total`` counts all of them.
+    """
+
+    loss: torch.Tensor
+    gradients: dict[str, torch.Tensor] | None = None
+    triplets: torch.Tensor | None = None
+    triplets_total: int = 0
+    per_item: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Loss(ABC):
+    """Base class of every served loss. Subclasses set the class attributes and implement ``forward``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    inputs: ClassVar[tuple[InputSpec, ...]]
+    schema: ClassVar[Schema] = Schema()
+    family: ClassVar[str] = "native"
+    mines_triplets: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    # Parameters that are refused with a specific message (e.g. torch's deprecated size_average).
+    rejected_params: ClassVar[Mapping[str, str]] = {}
+    # Relative cost used for the memory estimate: "n" (linear), "n2" (pairwise), "n2d".
+    complexity: ClassVar[str] = "n2"
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        self.params: dict[str, Any] = self.schema.parse(params, reject=self.rejected_params)
+        self.check_params()
+
+    def check_params(self) -> None:
+        """Cross-parameter checks (e.g. ``max_dist > min_dist``); raise ``InvalidArgument``."""
+
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Loss-specific input checks beyond the generic ones (index ranges, lengths); raise ``InvalidArgument``.
+
+        Runs on the decoded CPU tensors before anything is computed or any state is touched.
+        """
+
+    @abstractmethod
+    def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
+        """Compute the loss. Must not modify state; see ``update`` for stateful losses."""
+
+    # ---- session state (stateful losses only) -------------------------------------------------------------
+    def init_state(self, dim: int, device: torch.device, generator: torch.Generator,
+                   initial: Mapping[str, torch.Tensor]) -> None:
+        """Create the session state for embeddings of width ``dim`` (e.g. island centres)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Named state tensors (checkpointed, exported). Parameters trained by the session optimiser are
+        ``torch.nn.Parameter`` instances among them."""
+        return {}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned."""
+
+    def update(self, inputs: dict[str, torch.Tensor], output: LossOutput, ctx: ComputeContext) -> None:
+        """Apply a non-gradient state update after the step (e.g. island's paper centre rule)."""
+
+    @classmethod
+    def input_spec(cls, name: str) -> InputSpec | None:
+        return next((s for s in cls.inputs if s.name == name), None)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "family": cls.family,
+            "mines_triplets": cls.mines_triplets,
+            "stateful": cls.stateful,
+            "inputs": [vars(s) | {} for s in cls.inputs],
+            "params": [p.describe() for p in cls.schema.params],
+        }
+
+
+# ---- registry ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Loss]] = {}
+# Names that exist only with an optional extra: name prefix -> the extra to install.
+_MISSING_EXTRAS: dict[str, str] = {}
+
+
+def register(cls: type[Loss]) -> type[Loss]:
+    """Class decorator: make ``cls`` reachable from the wire under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"loss {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def note_missing_extra(prefix: str, extra: str) -> None:
+    _MISSING_EXTRAS[prefix] = extra
+
+
+def get(name: str, field_name: str = "loss.name") -> type[Loss]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        for prefix, extra in _MISSING_EXTRAS.items():
+            if name.startswith(prefix):
+                raise FailedPrecondition(
+                    f"{field_name}: loss {name!r} needs the optional '{extra}' extra on the server "
+                    f"(pip install 'embtrain[{extra}]')", field=field_name) from None
+        raise InvalidArgument(
+            f"{field_name}: unknown loss {name!r}; ListLosses shows the {len(_REGISTRY)} available losses "
+            f"(e.g. {', '.join(sorted(_REGISTRY)[:6])})", field=field_name) from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def all_losses() -> list[type[Loss]]:
+    return [_REGISTRY[n] for n in names()]
+
+
+__all__ = [
+    "EMBEDDINGS", "LABELS", "ComputeContext", "InputSpec", "Loss", "LossOutput", "Memory", "Param", "Schema",
+    "all_losses", "get", "names", "note_missing_extra", "register",
+]
