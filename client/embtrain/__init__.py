@@ -1,1 +1,32 @@
-"""embtrain client SDK."""
+"""embtrain: the client SDK of the remote loss-and-mining service.
+
+    import embtrain
+    with embtrain.Client("127.0.0.1:50051") as client:
+        r = client.compute(X, labels=y, loss="batch_hard_triplet", params={"margin": 0.3})
+        r.loss, r.gradient, r.triplets
+
+``embtrain.torch`` (extra ``embtrain[torch]``) adds ``RemoteLoss``, an ``nn.Module`` whose backward applies the
+server's gradient, and ``load_head``.
+"""
+
+from ._client import Client, ComputeResult, ExportedModel, LossInfo, Session, SessionInfo
+from ._errors import (
+    DeadlineExceeded,
+    EmbtrainError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "ComputeResult", "DeadlineExceeded", "EmbtrainError", "ExportedModel", "FailedPrecondition",
+    "FieldViolation", "InvalidArgument", "LossInfo", "NotFound", "PermissionDenied", "ResourceExhausted", "Session",
+    "SessionInfo", "Unauthenticated", "Unavailable",
+]

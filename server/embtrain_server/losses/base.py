@@ -59,6 +59,9 @@ class ComputeContext:
     want_per_item: bool = False
     memory: Memory | None = None
     training: bool = True  # False: compute only, never update state (e.g. validation calls)
+    # True when the session's optimiser steps the loss's trainable state (its nn.Parameters); the loss's own
+    # ``update`` must then leave those parameters alone.
+    state_optimized_externally: bool = False
 
 
 @dataclass

@@ -1,0 +1,432 @@
+"""The SDK: ``Client`` (one per process, safe to share between threads), ``Session`` and the result types.
+
+Inputs may be numpy arrays or torch tensors; results come back as the same kind (torch tensors on the device of
+the embeddings). Every ``grpc.RpcError`` becomes an ``EmbtrainError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+
+from . import _codec as codec
+from ._errors import EmbtrainError, from_rpc_error, from_status
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .v1 import embtrain_pb2 as pb
+from .v1 import embtrain_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class ComputeResult:
+    """One batch's answer. ``gradient`` is d loss / d embeddings; ``gradients`` maps every differentiable input
+    to its gradient. ``error`` is set (and the rest empty) for a stream batch the server rejected."""
+
+    loss: float = float("nan")
+    gradients: dict[str, Any] = field(default_factory=dict)
+    triplets: Any = None
+    triplets_total: int = 0
+    triplets_truncated: bool = False
+    triplet_ids: Any = None
+    per_item_losses: Any = None
+    stats: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    request_id: str = ""
+    error: EmbtrainError | None = None
+
+    @property
+    def gradient(self) -> Any:
+        return self.gradients.get("embeddings")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> ComputeResult:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    name: str
+    description: str
+    family: str
+    stateful: bool
+    mines_triplets: bool
+    inputs: list[dict[str, Any]]
+    params: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    loss: str
+    params: dict[str, Any]
+    step: int
+    parameter_count: int
+    memory_fill: int
+    memory_size: int
+    last_checkpoint_step: int
+    last_checkpoint_time: float
+    optimizer_state: dict[str, Any]
+    status: str
+    status_message: str
+    device: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A session's head (configuration + safetensors weights) and loss state; see ``embtrain.torch.load_head``."""
+
+    config: dict[str, Any]
+    weights: bytes
+    state: dict[str, Any]
+    step: int
+
+
+def _session_info(p: pb.SessionInfo) -> SessionInfo:
+    cfg = json_format.MessageToDict(p.config, preserving_proto_field_name=True)
+    return SessionInfo(
+        session_id=p.session_id, loss=p.config.loss.name, params=cfg.get("loss", {}).get("params", {}), step=p.step,
+        parameter_count=p.parameter_count, memory_fill=p.memory_fill, memory_size=p.memory_size,
+        last_checkpoint_step=p.last_checkpoint_step, last_checkpoint_time=p.last_checkpoint_time,
+        optimizer_state=json_format.MessageToDict(p.optimizer_state), status=p.status,
+        status_message=p.status_message, device=p.device, config=cfg)
+
+
+def _is_torch(x: Any) -> bool:
+    return codec._is_torch(x)
+
+
+def _struct(d: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    if d:
+        s.update(_plain(d))
+    return s
+
+
+def _plain(x: Any) -> Any:
+    """numpy / torch scalars and inf -> JSON-able values for a protobuf Struct."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        return x.item()
+    return x
+
+
+class _Decoder:
+    """Turns response tensors into the caller's kind: numpy (read-only views) or torch on ``device``."""
+
+    def __init__(self, like: Any) -> None:
+        self.torch = _is_torch(like)
+        self.device = like.device if self.torch else None
+
+    def __call__(self, t: pb.Tensor, name: str) -> Any:
+        if not self.torch:
+            if t.dtype == pb.BFLOAT16:
+                raise EmbtrainError(grpc.StatusCode.INTERNAL, f"{name}: bfloat16 result needs torch inputs")
+            return codec.decode_numpy(t, name)
+        out = codec.decode_torch(t, name)
+        # Copy once: off the immutable message bytes (CPU) or onto the caller's device (CUDA).
+        return out.clone() if self.device.type == "cpu" else out.to(self.device)
+
+
+def _result(resp: pb.ComputeResponse, dec: _Decoder) -> ComputeResult:
+    if resp.HasField("error"):
+        return ComputeResult(request_id=resp.request_id, error=from_status(resp.error))
+    return ComputeResult(
+        loss=resp.loss,
+        gradients={k: dec(v, f"gradients.{k}") for k, v in resp.gradients.items()},
+        triplets=dec(resp.triplets, "triplets") if resp.HasField("triplets") else None,
+        triplets_total=resp.triplets_total,
+        triplets_truncated=resp.triplets_truncated,
+        triplet_ids=dec(resp.triplet_ids, "triplet_ids") if resp.HasField("triplet_ids") else None,
+        per_item_losses=dec(resp.per_item_losses, "per_item_losses") if resp.HasField("per_item_losses") else None,
+        stats=dict(resp.stats), step=resp.step, request_id=resp.request_id)
+
+
+class Client:
+    """A connection to an embtrain server.
+
+    ``target`` is ``host:port`` or any gRPC target (``dns:///embtrain-headless.ns.svc:50051`` with
+    ``load_balancing="round_robin"`` balances stateless calls over every pod). ``routing_template`` (e.g.
+    ``"{node}.embtrain-headless.ns.svc.cluster.local:50051"``) sends session calls to the pod named in the session
+    id (``<node>.<token>``). TLS: ``tls=True`` with optional ``root_certificates`` (PEM bytes or a path) and, for
+    mutual TLS, ``certificate_chain`` and ``private_key``.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float | None = 30.0, *,
+                 tls: bool = False, root_certificates: bytes | str | None = None,
+                 certificate_chain: bytes | str | None = None, private_key: bytes | str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, load_balancing: str | None = None,
+                 routing_template: str | None = None, options: Iterable[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._token = token if token is not None else os.environ.get("EMBTRAIN_TOKEN")
+        self._tls = tls or any(x is not None for x in (root_certificates, certificate_chain, private_key))
+        self._creds = grpc.ssl_channel_credentials(
+            _pem(root_certificates), _pem(private_key), _pem(certificate_chain)) if self._tls else None
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes), *options]
+        if load_balancing:
+            opts.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
+        self._options = opts
+        self._routing = routing_template
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stub = self._stub_for(target)
+
+    # ---- plumbing ----------------------------------------------------------------------------------------
+    def _channel(self, target: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(target)
+            if ch is None:
+                ch = (grpc.secure_channel(target, self._creds, options=self._options) if self._creds is not None
+                      else grpc.insecure_channel(target, options=self._options))
+                self._channels[target] = ch
+            return ch
+
+    def _stub_for(self, target: str) -> pb_grpc.EmbeddingTrainerStub:
+        return pb_grpc.EmbeddingTrainerStub(self._channel(target))
+
+    def _session_stub(self, session_id: str) -> pb_grpc.EmbeddingTrainerStub:
+        if self._routing and "." in session_id:
+            return self._stub_for(self._routing.format(node=session_id.split(".", 1)[0]))
+        return self._stub
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout,
+                          metadata=self._metadata())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- service -----------------------------------------------------------------------------------------
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The health service's status: "SERVING", "NOT_SERVING", ... (needs no token)."""
+        stub = health_pb2_grpc.HealthStub(self._channel(self.target))
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service),
+                              timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def losses(self) -> list[LossInfo]:
+        resp = self._call(self._stub.ListLosses, pb.ListLossesRequest())
+        out = []
+        for li in resp.losses:
+            params = [dict(name=p.name, type=p.type, default=json_format.MessageToDict(p.default) if
+                           p.default.WhichOneof("kind") else None, range=p.range, choices=list(p.choices),
+                           description=p.description) for p in li.params]
+            inputs = [dict(name=i.name, required=i.required, dtype=i.dtype, shape=i.shape,
+                           differentiable=i.differentiable, description=i.description) for i in li.inputs]
+            out.append(LossInfo(li.name, li.description, li.family, li.stateful, li.mines_triplets, inputs, params))
+        return out
+
+    # ---- compute -----------------------------------------------------------------------------------------
+    def _request(self, embeddings: Any, labels: Any, inputs: Mapping[str, Any], *, loss: str | None,
+                 params: Mapping[str, Any] | None, session_id: str | None, gradient: bool, triplets: bool,
+                 max_triplets: int, per_item_losses: bool, request_id: str | None = None) -> pb.ComputeRequest:
+        req = pb.ComputeRequest(request_id=request_id or uuid.uuid4().hex)
+        if session_id is not None:
+            req.session_id = session_id
+        else:
+            if not loss:
+                raise ValueError("compute: give loss=<name> (stateless) or use a Session")
+            req.loss.name = loss
+            req.loss.params.CopyFrom(_struct(params))
+        named = dict(inputs)
+        if embeddings is not None:
+            named["embeddings"] = embeddings
+        if labels is not None:
+            named["labels"] = labels
+        for name, value in named.items():
+            if value is None:
+                continue
+            try:
+                req.inputs[name].CopyFrom(codec.encode(value, f"inputs.{name}"))
+            except codec.TensorError as exc:
+                raise ValueError(str(exc)) from None
+        req.options.gradient = gradient
+        req.options.triplets = triplets
+        req.options.max_triplets = max_triplets
+        req.options.per_item_losses = per_item_losses
+        return req
+
+    def compute(self, embeddings: Any = None, labels: Any = None, *, loss: str | None = None,
+                params: Mapping[str, Any] | None = None, session_id: str | None = None,
+                return_gradient: bool = True, return_triplets: bool = True, max_triplets: int = 0,
+                per_item_losses: bool = False, timeout: float | None = None, **inputs: Any) -> ComputeResult:
+        """One batch. Other named inputs are keyword arguments (``gt_distances=``, ``triplets=``, ``centers=``,
+        ``ids=``, or a torch loss's own inputs such as ``input=``, ``target=``)."""
+        req = self._request(embeddings, labels, inputs, loss=loss, params=params, session_id=session_id,
+                            gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
+                            per_item_losses=per_item_losses)
+        stub = self._session_stub(session_id) if session_id else self._stub
+        like = embeddings if embeddings is not None else next(iter(inputs.values()), None)
+        return _result(self._call(stub.Compute, req, timeout), _Decoder(like))
+
+    def compute_stream(self, batches: Iterable[Any], *, loss: str | None = None,
+                       params: Mapping[str, Any] | None = None, session_id: str | None = None,
+                       max_in_flight: int = 4, return_gradient: bool = True, return_triplets: bool = True,
+                       max_triplets: int = 0, per_item_losses: bool = False,
+                       timeout: float | None = None) -> Iterator[ComputeResult]:
+        """Stream batches (``(X, y)`` tuples or dicts of named inputs) and yield one result per batch, in order.
+
+        At most ``max_in_flight`` batches are sent ahead of their answers. A batch the server rejects comes back
+        as a result with ``error`` set; the stream goes on. ``timeout`` bounds the whole stream (default none).
+        """
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight: expected >= 1")
+        window = threading.Semaphore(max_in_flight)
+        decoders: dict[str, _Decoder] = {}
+        stop = threading.Event()
+
+        def requests() -> Iterator[pb.ComputeRequest]:
+            for batch in batches:
+                named = dict(batch) if isinstance(batch, Mapping) else {"embeddings": batch[0], "labels": batch[1]} \
+                    if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+                if named is None:
+                    raise ValueError("batches: each batch is (embeddings, labels) or a dict of named inputs")
+                emb, lab = named.pop("embeddings", None), named.pop("labels", None)
+                req = self._request(emb, lab, named, loss=loss, params=params, session_id=session_id,
+                                    gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
+                                    per_item_losses=per_item_losses)
+                decoders[req.request_id] = _Decoder(emb)
+                while not window.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                yield req
+
+        stub = self._session_stub(session_id) if session_id else self._stub
+        call = stub.ComputeStream(requests(), timeout=timeout, metadata=self._metadata())
+        try:
+            for resp in call:
+                window.release()
+                yield _result(resp, decoders.pop(resp.request_id, _Decoder(None)))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            stop.set()
+            call.cancel()
+
+    # ---- sessions ----------------------------------------------------------------------------------------
+    def create_session(self, loss: str, params: Mapping[str, Any] | None = None, *, head: Any = None,
+                       optimizer: Mapping[str, Any] | None = None, memory: Mapping[str, Any] | None = None,
+                       seed: int | None = None, initial_state: Mapping[str, Any] | None = None) -> Session:
+        cfg = pb.SessionConfig()
+        cfg.loss.name = loss
+        cfg.loss.params.CopyFrom(_struct(params))
+        if head is not None:
+            cfg.head.CopyFrom(json_format.ParseDict(_plain(head), struct_pb2.Value()))
+        if optimizer is not None:
+            cfg.optimizer.CopyFrom(_struct(optimizer))
+        if memory is not None:
+            cfg.memory.CopyFrom(_struct(memory))
+        if seed is not None:
+            cfg.seed = seed
+        for name, value in (initial_state or {}).items():
+            cfg.initial_state[name].CopyFrom(codec.encode(value, f"initial_state.{name}"))
+        resp = self._call(self._stub.CreateSession, pb.CreateSessionRequest(config=cfg))
+        return Session(self, resp.session.session_id)
+
+    def get_session(self, session_id: str) -> Session:
+        sess = Session(self, session_id)
+        sess.info()  # raises NotFound
+        return sess
+
+    def list_sessions(self) -> list[SessionInfo]:
+        return [_session_info(s) for s in self._call(self._stub.ListSessions, pb.ListSessionsRequest()).sessions]
+
+
+class Session:
+    """A server-side session: loss configuration, trainable state (head, centres, optimiser, memory), step."""
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self.client = client
+        self.id = session_id
+
+    def __repr__(self) -> str:
+        return f"Session({self.id!r})"
+
+    def _stub(self) -> pb_grpc.EmbeddingTrainerStub:
+        return self.client._session_stub(self.id)
+
+    def compute(self, embeddings: Any, labels: Any = None, **kwargs: Any) -> ComputeResult:
+        return self.client.compute(embeddings, labels, session_id=self.id, **kwargs)
+
+    def stream(self, batches: Iterable[Any], **kwargs: Any) -> Iterator[ComputeResult]:
+        return self.client.compute_stream(batches, session_id=self.id, **kwargs)
+
+    def embed(self, embeddings: Any, batch_size: int = 65536) -> Any:
+        """The head's output for ``embeddings`` (no training), in batches of ``batch_size`` rows."""
+        dec = _Decoder(embeddings)
+        parts = []
+        for start in range(0, max(len(embeddings), 1), batch_size):
+            chunk = embeddings[start:start + batch_size]
+            req = pb.EmbedRequest(session_id=self.id, embeddings=codec.encode(chunk, "embeddings"))
+            parts.append(dec(self.client._call(self._stub().Embed, req).embeddings, "embeddings"))
+        if len(parts) == 1:
+            return parts[0]
+        if dec.torch:
+            import torch
+
+            return torch.cat(parts)
+        return np.concatenate(parts)
+
+    def info(self) -> SessionInfo:
+        return _session_info(self.client._call(self._stub().GetSession, pb.GetSessionRequest(session_id=self.id)).session)
+
+    def save_checkpoint(self) -> int:
+        return self.client._call(self._stub().SaveCheckpoint, pb.SaveCheckpointRequest(session_id=self.id)).step
+
+    def export_model(self) -> ExportedModel:
+        resp = self.client._call(self._stub().ExportModel, pb.ExportModelRequest(session_id=self.id))
+        return ExportedModel(config=json.loads(resp.config_json), weights=resp.weights,
+                             state={k: codec.decode_numpy(v, f"state.{k}") for k, v in resp.state.items()},
+                             step=resp.step)
+
+    def close(self, keep_checkpoint: bool = False) -> SessionInfo:
+        req = pb.CloseSessionRequest(session_id=self.id, keep_checkpoint=keep_checkpoint)
+        return _session_info(self.client._call(self._stub().CloseSession, req).session)
+
+
+def _pem(x: bytes | str | None) -> bytes | None:
+    if x is None or isinstance(x, bytes):
+        return x
+    with open(x, "rb") as f:
+        return f.read()

@@ -1,0 +1,155 @@
+"""Tensors on the wire: dtype + shape + raw little-endian row-major bytes.
+
+Shared by the SDK and the server. Decoding is zero-copy (the array or tensor views the message's bytes);
+encoding copies each tensor once (``tobytes`` reads non-contiguous input directly in C order). A byte length that
+does not match shape x itemsize is refused with a ``TensorError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .v1 import embtrain_pb2 as pb
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class TensorError(ValueError):
+    """A tensor that cannot be encoded or decoded. ``field`` names it (``inputs.embeddings``)."""
+
+    def __init__(self, field: str, expected: str) -> None:
+        super().__init__(f"{field}: {expected}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class _DType:
+    wire: int
+    name: str
+    numpy: str | None  # None: numpy has no such type (bfloat16)
+    itemsize: int
+    is_float: bool
+
+
+_DTYPES = [
+    _DType(pb.FLOAT16, "float16", "<f2", 2, True),
+    _DType(pb.BFLOAT16, "bfloat16", None, 2, True),
+    _DType(pb.FLOAT32, "float32", "<f4", 4, True),
+    _DType(pb.FLOAT64, "float64", "<f8", 8, True),
+    _DType(pb.INT32, "int32", "<i4", 4, False),
+    _DType(pb.INT64, "int64", "<i8", 8, False),
+    _DType(pb.BOOL, "bool", "|b1", 1, False),
+    _DType(pb.UINT8, "uint8", "|u1", 1, False),
+    _DType(pb.INT8, "int8", "|i1", 1, False),
+    _DType(pb.INT16, "int16", "<i2", 2, False),
+]
+_BY_WIRE = {d.wire: d for d in _DTYPES}
+_BY_NAME = {d.name: d for d in _DTYPES}
+_LITTLE = sys.byteorder == "little"
+
+DTYPE_NAMES = tuple(d.name for d in _DTYPES)
+FLOAT_DTYPES = tuple(d.name for d in _DTYPES if d.is_float)
+
+
+def dtype_name(wire: int) -> str:
+    d = _BY_WIRE.get(wire)
+    return d.name if d else f"<unknown dtype {wire}>"
+
+
+def is_float(t: pb.Tensor) -> bool:
+    d = _BY_WIRE.get(t.dtype)
+    return bool(d and d.is_float)
+
+
+def _spec(t: pb.Tensor, field: str) -> tuple[_DType, tuple[int, ...]]:
+    d = _BY_WIRE.get(t.dtype)
+    if d is None:
+        raise TensorError(f"{field}.dtype", f"expected one of {', '.join(DTYPE_NAMES)}, got enum value {t.dtype}")
+    shape = tuple(int(s) for s in t.shape)
+    if any(s < 0 for s in shape):
+        raise TensorError(f"{field}.shape", f"dimensions must be >= 0, got {list(shape)}")
+    if len(shape) > 8:
+        raise TensorError(f"{field}.shape", f"at most 8 dimensions, got {len(shape)}")
+    count = math.prod(shape)
+    if count * d.itemsize != len(t.data):
+        raise TensorError(
+            f"{field}.data",
+            f"{len(t.data)} bytes, expected {count * d.itemsize} ({'x'.join(map(str, shape)) or 'scalar'} "
+            f"{d.name} at {d.itemsize} bytes each)")
+    return d, shape
+
+
+def decode_numpy(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    """A read-only numpy view of the message's bytes (no copy)."""
+    d, shape = _spec(t, field)
+    if d.numpy is None:
+        raise TensorError(f"{field}.dtype", "bfloat16 has no numpy type; decode with torch (embtrain[torch])")
+    return np.frombuffer(t.data, dtype=np.dtype(d.numpy)).reshape(shape)
+
+
+def decode_torch(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """A CPU torch tensor viewing the message's bytes (no copy). Treat it as read-only."""
+    import torch
+
+    d, shape = _spec(t, field)
+    dtype = getattr(torch, d.name)
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # The buffer is immutable bytes; nothing downstream writes into decoded inputs.
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.frombuffer(t.data, dtype=dtype).reshape(shape)
+    if not _LITTLE and d.itemsize > 1:  # pragma: no cover - big-endian hosts only
+        out = torch.from_numpy(out.numpy().byteswap())
+    return out
+
+
+def encode(x: Any, field: str = "tensor") -> pb.Tensor:
+    """A numpy array, torch tensor or nested list -> wire tensor (one copy of the data)."""
+    if _is_torch(x):
+        return _encode_torch(x, field)
+    arr = np.asarray(x)
+    if arr.dtype.kind == "O" or arr.dtype.kind in "USV":
+        raise TensorError(field, f"expected a numeric array, got dtype {arr.dtype}")
+    name = {"f2": "float16", "f4": "float32", "f8": "float64", "i4": "int32", "i8": "int64", "b1": "bool",
+            "u1": "uint8", "i1": "int8", "i2": "int16"}.get(f"{arr.dtype.kind}{arr.dtype.itemsize}")
+    if name is None:
+        raise TensorError(field, f"unsupported dtype {arr.dtype}; supported: {', '.join(DTYPE_NAMES)}")
+    d = _BY_NAME[name]
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=d.wire, shape=arr.shape, data=arr.tobytes(order="C"))
+
+
+def _encode_torch(x: torch.Tensor, field: str) -> pb.Tensor:
+    import torch
+
+    if x.is_sparse or x.layout != torch.strided:
+        raise TensorError(field, f"expected a dense (strided) tensor, got layout {x.layout}")
+    if x.is_complex():
+        raise TensorError(field, f"unsupported dtype {x.dtype}")
+    name = str(x.dtype).removeprefix("torch.")
+    d = _BY_NAME.get(name)
+    if d is None:
+        raise TensorError(field, f"unsupported dtype {x.dtype}; supported: {', '.join(DTYPE_NAMES)}")
+    x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
+    if d.name == "bfloat16":
+        x = x.view(torch.int16)  # numpy has no bfloat16: move the same bits as int16
+    arr = x.numpy()
+    if not _LITTLE and d.itemsize > 1:  # pragma: no cover
+        arr = arr.byteswap()
+    return pb.Tensor(dtype=d.wire, shape=list(x.shape), data=arr.tobytes(order="C"))
+
+
+def _is_torch(x: Any) -> bool:
+    mod = type(x).__module__
+    return mod.startswith("torch") and type(x).__name__ in ("Tensor", "Parameter")

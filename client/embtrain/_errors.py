@@ -1,0 +1,106 @@
+"""One exception family for every RPC failure: ``EmbtrainError`` keeps the gRPC code, the server's message and
+its field violations (from ``google.rpc.BadRequest`` details)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class EmbtrainError(Exception):
+    """An RPC failed. ``code`` is a ``grpc.StatusCode``; ``violations`` name the request fields at fault."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = ()) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.violations = violations
+
+    @property
+    def fields(self) -> list[str]:
+        return [v.field for v in self.violations]
+
+
+class InvalidArgument(EmbtrainError):
+    pass
+
+
+class NotFound(EmbtrainError):
+    pass
+
+
+class FailedPrecondition(EmbtrainError):
+    pass
+
+
+class Unauthenticated(EmbtrainError):
+    pass
+
+
+class PermissionDenied(EmbtrainError):
+    pass
+
+
+class ResourceExhausted(EmbtrainError):
+    pass
+
+
+class Unavailable(EmbtrainError):
+    pass
+
+
+class DeadlineExceeded(EmbtrainError):
+    pass
+
+
+_BY_CODE: dict[grpc.StatusCode, type[EmbtrainError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _violations(status: status_pb2.Status) -> tuple[FieldViolation, ...]:
+    out = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            out.extend(FieldViolation(v.field, v.description) for v in br.field_violations)
+    return tuple(out)
+
+
+def make_error(code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = ()) -> EmbtrainError:
+    return _BY_CODE.get(code, EmbtrainError)(code, message, violations)
+
+
+def from_status(status: status_pb2.Status) -> EmbtrainError:
+    """An in-band error (a stream batch's ``error``) as an exception."""
+    code = _CODE_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    return make_error(code, status.message, _violations(status))
+
+
+def from_rpc_error(err: grpc.RpcError) -> EmbtrainError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = err.details() if hasattr(err, "details") else str(err)
+    violations: tuple[FieldViolation, ...] = ()
+    for key, value in (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            violations = _violations(status)
+    return make_error(code, message or "", violations)

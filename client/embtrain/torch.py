@@ -1,0 +1,91 @@
+"""PyTorch integration (extra ``embtrain[torch]``): ``RemoteLoss`` makes the remote loss feel local, and
+``load_head`` rebuilds a session's exported head as a local module.
+
+    loss_fn = RemoteLoss(client, loss="batch_hard_triplet", margin=0.3)
+    loss = loss_fn(encoder(x), y)
+    loss.backward()          # applies the server's d loss / d embeddings
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("embtrain.torch needs PyTorch: pip install 'embtrain[torch]'") from exc
+
+from safetensors.torch import load as _st_load
+
+from ._client import Client, ComputeResult, ExportedModel, Session
+from .heads import build_head
+
+__all__ = ["RemoteLoss", "load_head"]
+
+
+class _RemoteLossFn(torch.autograd.Function):
+    """Forward: the server's loss value. Backward: grad_output times the server's gradient for each input."""
+
+    @staticmethod
+    def forward(ctx: Any, loss_value: torch.Tensor, names: tuple[str, ...], grads: tuple[torch.Tensor | None, ...],
+                *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return loss_value
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        out = [None if g is None else (grad_output.to(g.dtype) * g) for g in ctx.grads]
+        return (None, None, None, *out)
+
+
+class RemoteLoss(nn.Module):
+    """A loss computed by an embtrain server, usable like any torch loss.
+
+    ``client_or_target`` is a ``Client``, a ``Session`` (trains the session's server-side state with every call)
+    or a target string. Loss parameters are keyword arguments. ``forward(embeddings, labels=None, **inputs)``
+    returns a scalar tensor on the embeddings' device and dtype; its backward applies the server's gradient for
+    every differentiable input that requires grad. The last full result is kept in ``last_result`` (triplets,
+    stats, step).
+    """
+
+    def __init__(self, client_or_target: Client | Session | str, loss: str | None = None,
+                 params: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if isinstance(client_or_target, Session):
+            self.session: Session | None = client_or_target
+            self.client = client_or_target.client
+        else:
+            self.session = None
+            self.client = Client(client_or_target) if isinstance(client_or_target, str) else client_or_target
+            if not loss:
+                raise ValueError("loss: give the loss name (see `embtrain losses`) or pass a Session")
+        self.loss_name = loss
+        self.params = {**(params or {}), **kwargs}
+        self.last_result: ComputeResult | None = None
+
+    def forward(self, embeddings: torch.Tensor, labels: Any = None, **inputs: Any) -> torch.Tensor:
+        named = {"embeddings": embeddings, **inputs}
+        want_grad = torch.is_grad_enabled() and any(
+            torch.is_tensor(v) and v.requires_grad for v in named.values())
+        if self.session is not None:
+            r = self.session.compute(embeddings, labels, return_gradient=want_grad, **inputs)
+        else:
+            r = self.client.compute(embeddings, labels, loss=self.loss_name, params=self.params,
+                                    return_gradient=want_grad, **inputs)
+        self.last_result = r
+        value = torch.tensor(r.loss, dtype=embeddings.dtype, device=embeddings.device)
+        if not want_grad:
+            return value
+        names = tuple(k for k, v in named.items() if torch.is_tensor(v) and v.requires_grad)
+        grads = tuple(r.gradients.get(k) for k in names)
+        return _RemoteLossFn.apply(value, names, grads, *(named[k] for k in names))
+
+
+def load_head(model: ExportedModel, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported session head as a local module in eval mode (same outputs as ``Session.embed``)."""
+    head, _ = build_head(model.config["head"], int(model.config["in_dim"]))
+    if len(head):
+        head.load_state_dict(_st_load(model.weights))
+    return head.to(device).eval()

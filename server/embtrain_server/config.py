@@ -1,0 +1,165 @@
+"""Server configuration: one frozen dataclass, filled from defaults < YAML file < environment < flags, and
+validated once at the edge. Every field has a flag ``--field-name`` and an environment variable
+``EMBTRAIN_FIELD_NAME``; the YAML keys are the field names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "embtrain", "state")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = ""  # empty: same as host
+    metrics_port: int = 9400  # 0: no metrics endpoint; tests use -1 for "any free port"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compute_dtype: str = "input"  # input | float32 | float64
+    state_dir: str = dataclasses.field(default_factory=_default_state_dir)
+    persist: bool = True  # write checkpoints to state_dir and restore them on start
+    checkpoint_every_steps: int = 100  # 0: off
+    checkpoint_every_seconds: float = 300.0  # 0: off
+    token_file: str = ""
+    tokens: str = ""  # "principal:token,principal:token" (normally from EMBTRAIN_TOKENS)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False  # allow a non-loopback address without authentication
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_connection_age_seconds: float = 300.0
+    max_connection_age_grace_seconds: float = 30.0
+    keepalive_time_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    drain_seconds: float = 30.0
+    workers: int = 4  # threads that run decode/compute/encode
+    max_batch_elements: int = 64 * 1024 * 1024  # n x d of one request
+    default_max_triplets: int = 100_000
+    max_triplets_limit: int = 10_000_000
+    memory_budget_bytes: int = 0  # estimate cap for one batch; 0: 80% of the device's memory (CPU: of RAM)
+    max_sessions_per_principal: int = 64
+    max_concurrent_streams: int = 256
+    max_inflight_per_stream: int = 8
+    node_id: str = ""  # prefix of session ids (the pod name in Kubernetes); empty: none
+    reflection: bool = True
+    log_level: str = "INFO"
+
+    def validate(self) -> ServerConfig:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port: expected 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port: expected 0..65535 (0 disables), got {self.metrics_port}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            problems.append(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
+        if self.compute_dtype not in ("input", "float32", "float64"):
+            problems.append(f"compute_dtype: expected input, float32 or float64, got {self.compute_dtype!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca: needs tls_cert and tls_key (mutual TLS is on top of TLS)")
+        for name in ("workers", "max_batch_elements", "default_max_triplets", "max_triplets_limit",
+                     "max_sessions_per_principal", "max_concurrent_streams", "max_inflight_per_stream",
+                     "max_message_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.node_id and not all(c.isalnum() or c in "-_" for c in self.node_id):
+            problems.append(f"node_id: letters, digits, '-' and '_' only, got {self.node_id!r}")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if typ == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: expected {typ}, got {value!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="embtrain-server",
+        description="embtrain: remote loss-and-mining service. Precedence: flags > EMBTRAIN_* env > --config file > defaults.")
+    p.add_argument("--config", help="YAML configuration file (env EMBTRAIN_CONFIG)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        if typ == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(env EMBTRAIN_{f.name.upper()})")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=f"(env EMBTRAIN_{f.name.upper()})")
+    return p
+
+
+def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    """Parse flags, environment and file into a validated ``ServerConfig``. Raises ``ValueError`` on bad values."""
+    env = os.environ if env is None else env
+    args = _parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    config_path = args.config or env.get("EMBTRAIN_CONFIG")
+    by_name = {f.name: f for f in fields(ServerConfig)}
+    if config_path:
+        data = yaml.safe_load(pathlib.Path(config_path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_path}: expected a mapping of configuration keys")
+        unknown = sorted(set(data) - set(by_name))
+        if unknown:
+            raise ValueError(f"{config_path}: unknown key {unknown[0]!r}; valid keys: {', '.join(by_name)}")
+        values.update({k: _coerce(by_name[k], v, f"{config_path}: {k}") for k, v in data.items()})
+    for name, f in by_name.items():
+        key = f"EMBTRAIN_{name.upper()}"
+        if key in env:
+            values[name] = _coerce(f, env[key], key)
+    for name, f in by_name.items():
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = _coerce(f, v, "--" + name.replace("_", "-"))
+    cfg = ServerConfig(**values).validate()
+    args.config_path = config_path
+    return cfg, args
+
+
+def dump_yaml(cfg: ServerConfig) -> str:
+    data = cfg.to_dict()
+    if data.get("tokens"):
+        data["tokens"] = "<redacted>"
+    return yaml.safe_dump(data, sort_keys=False)

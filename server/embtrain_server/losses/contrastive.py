@@ -1,0 +1,106 @@
+"""Contrastive loss (Hadsell, Chopra & LeCun 2006; LOSSES.md §E.1) over all pairs of a batch.
+
+Same-label pairs cost ``½||x_i − x_j||²``; different-label pairs cost ``½[margin − D]_+²`` with
+``D = sqrt(max(||x_i − x_j||², 1e-12))``; the reduction is over the ``n(n−1)/2`` unordered pairs.
+
+With cross-batch memory (``ctx.memory``) the anchors are the batch rows and the partners are the later batch rows
+plus every memory row: the pairs are ``(i, j)`` for batch ``i < j`` and ``(i, n + k)`` for every memory row
+``k``, ``n(n−1)/2 + n·m`` of them; memory rows get no gradient.
+
+The module also holds the squared-distance helpers the pairwise losses share: exact values from differences in
+float64 (LOSSES.md §0.6), made differentiable through the Gram form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import invalid
+from ..params import Param, Schema
+from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
+
+
+def sq_dists_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a_i − b_j||²`` as a float64 [n, m] tensor without grad, computed from differences (never the Gram
+    form, which cancels for nearby points in float32 and turns duplicates into spurious small distances)."""
+    with torch.no_grad():
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        if a64.shape[0] == 0 or b64.shape[0] == 0:
+            return a64.new_zeros(a64.shape[0], b64.shape[0])
+        return torch.cdist(a64, b64, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def sq_dists_with_grad(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
+    """``||a_i − b_j||²`` in ``a``'s dtype, valued at the exact (difference-form) distances and differentiable
+    in ``a`` and ``b`` with the analytic ``2(a_i − b_j)``.
+
+    The gradient flows through the Gram form, which needs O(n·m) memory where autograd of the differences would
+    keep O(n·m·d). Its backward, ``2(Σ_j g_ij)a_i − 2Σ_j g_ij b_j``, cancels like the Gram value does, so it runs
+    in float64: float32 near-duplicates far from the origin still get the gradient of their true difference.
+    """
+    if exact is None:
+        exact = sq_dists_exact(a, b)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    gram = (a64 * a64).sum(1, keepdim=True) + (b64 * b64).sum(1)[None, :] - 2.0 * (a64 @ b64.T)
+    return (gram + (exact - gram).detach()).to(a.dtype)
+
+
+def check_labels(inputs: dict[str, torch.Tensor]) -> None:
+    """``inputs.labels`` must be a vector with one label per embedding row."""
+    n = inputs["embeddings"].shape[0]
+    y = inputs["labels"]
+    if y.dim() != 1 or y.shape[0] != n:
+        raise invalid("inputs.labels", f"shape {list(y.shape)}, expected [{n}] (one label per embedding row)")
+
+
+@register
+class ContrastiveLoss(Loss):
+    """Contrastive loss (§E.1). With cross-batch memory the pairs are (batch i, batch j > i) and (batch i,
+    every memory row); the mean is over all of those pairs."""
+
+    name = "contrastive"
+    description = (
+        "Contrastive loss (Hadsell et al. 2006) over all unordered pairs: same label ½||xi-xj||², different "
+        "label ½[margin - ||xi-xj||]_+²; mean (or sum) over the n(n-1)/2 pairs. With cross-batch memory the "
+        "pairs (batch i, memory j) are added."
+    )
+    inputs = (EMBEDDINGS, LABELS)
+    schema = Schema((
+        Param("margin", "float", 1.0, "distance below which different-label pairs are pushed apart", minimum=0.0),
+        Param("reduction", "enum", "mean", "mean over all pairs, or their sum", choices=("mean", "sum")),
+    ))
+    complexity = "n2"
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+        check_labels(inputs)
+
+    def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
+        x, y = inputs["embeddings"], inputs["labels"]
+        n = x.shape[0]
+        cand, cand_y = x, y
+        if ctx.memory is not None and ctx.memory.embeddings.shape[0] > 0:
+            cand = torch.cat([x, ctx.memory.embeddings.detach().to(device=x.device, dtype=x.dtype)])
+            cand_y = torch.cat([y, ctx.memory.labels.to(device=y.device, dtype=y.dtype)])
+        total = cand.shape[0]
+
+        sq = sq_dists_with_grad(x, cand)
+        col = torch.arange(total, device=x.device)
+        row = torch.arange(n, device=x.device)
+        # Unordered batch pairs i < j once; every memory column (index >= n) with every batch row.
+        used = (col[None, :] > row[:, None])
+        same = y[:, None] == cand_y[None, :]
+        pos, neg = used & same, used & ~same
+
+        dist = sq.clamp_min(1e-12).sqrt()
+        gap = (self.params["margin"] - dist).clamp_min(0.0)
+        per_pair = torch.where(pos, 0.5 * sq, torch.where(neg, 0.5 * gap.square(), 0.0))
+        n_pairs = n * (n - 1) // 2 + n * (total - n)
+        loss = per_pair.sum()
+        if self.params["reduction"] == "mean" and n_pairs > 0:
+            loss = loss / n_pairs
+        return LossOutput(
+            loss=loss,
+            per_item=per_pair.detach()[used] if ctx.want_per_item else None,
+            stats={"positive_pairs": float(pos.sum()), "negative_pairs": float(neg.sum()),
+                   "active_negative_pairs": float((neg & (gap > 0)).sum())},
+        )

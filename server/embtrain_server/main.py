@@ -1,0 +1,33 @@
+"""``embtrain-server``: parse the configuration, set up logging and run the server until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import config as config_mod
+from .server import serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, args = config_mod.load(argv)
+    except (ValueError, OSError) as exc:
+        print(f"embtrain-server: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(config_mod.dump_yaml(cfg))
+        return 0
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(cfg, args.config_path))
+    except (ValueError, OSError) as exc:
+        logging.getLogger("embtrain.server").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

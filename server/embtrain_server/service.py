@@ -1,0 +1,305 @@
+"""Transport-agnostic request handlers: ``(request message, principal) -> response message``.
+
+Each handler decodes (wire -> CPU tensors), validates, finds the loss or session, computes on the device and
+encodes the answer. Handlers are synchronous and run on worker threads; the servicer owns threads, locks and
+gRPC. Nothing here imports ``grpc``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from google.protobuf import json_format, struct_pb2
+from safetensors.torch import save as st_save
+
+from embtrain import _codec as codec
+from embtrain.v1 import embtrain_pb2 as pb
+
+from . import compute, losses
+from .config import ServerConfig
+from .errors import InvalidArgument, ResourceExhausted, invalid
+from .losses.base import Loss
+from .metrics import Metrics
+from .sessions import Session, SessionStore, parse_spec
+
+log = logging.getLogger("embtrain.service")
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(s)
+
+
+def value_to_python(v: struct_pb2.Value) -> Any:
+    return json_format.MessageToDict(v) if v.WhichOneof("kind") else None
+
+
+def to_value(x: Any) -> struct_pb2.Value:
+    v = struct_pb2.Value()
+    v.CopyFrom(json_format.ParseDict(_jsonable(x), struct_pb2.Value()))
+    return v
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def decode_inputs(inputs: Mapping[str, pb.Tensor], prefix: str = "inputs") -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(inputs):
+        try:
+            out[name] = codec.decode_torch(inputs[name], f"{prefix}.{name}")
+        except codec.TensorError as exc:
+            raise InvalidArgument(str(exc), field=exc.field) from None
+    return out
+
+
+def loss_info(cls: type[Loss]) -> pb.LossInfo:
+    info = pb.LossInfo(name=cls.name, description=cls.description, mines_triplets=cls.mines_triplets,
+                       stateful=cls.stateful, family=cls.family)
+    for s in cls.inputs:
+        info.inputs.add(name=s.name, required=s.required, dtype=s.dtype, shape=s.shape,
+                        differentiable=s.differentiable, description=s.description)
+    for p in cls.schema.params:
+        pi = info.params.add(name=p.name, type=p.kind, range=p.range_text, choices=list(p.choices),
+                             description=p.description)
+        pi.default.CopyFrom(to_value(p.default))
+    return info
+
+
+class Service:
+    def __init__(self, config: ServerConfig, device: torch.device, store: SessionStore, metrics: Metrics) -> None:
+        self.config = config
+        self.device = device
+        self.store = store
+        self.metrics = metrics
+        self.budget = config.memory_budget_bytes or int(0.8 * _device_memory(device))
+        losses.load_all()
+
+    # ---- Compute -----------------------------------------------------------------------------------------
+    def options(self, req: pb.ComputeRequest) -> compute.ComputeOptions:
+        o = req.options
+        limit = self.config.max_triplets_limit
+        if o.max_triplets < 0 or o.max_triplets > limit:
+            raise invalid("options.max_triplets", f"expected 0 (server default) to {limit}, got {o.max_triplets}")
+        return compute.ComputeOptions(
+            gradient=o.gradient if o.HasField("gradient") else True,
+            triplets=o.triplets if o.HasField("triplets") else True,
+            max_triplets=o.max_triplets or self.config.default_max_triplets,
+            per_item=o.per_item_losses)
+
+    def session_for(self, req: pb.ComputeRequest, principal: str) -> Session | None:
+        """The session a request targets (None for stateless). Raises NotFound / InvalidArgument."""
+        target = req.WhichOneof("target")
+        if target == "session_id":
+            return self.store.get(req.session_id, principal)
+        if target is None:
+            raise invalid("target", "set either session_id or loss (an inline loss spec)")
+        return None
+
+    def compute(self, req: pb.ComputeRequest, principal: str, session: Session | None = None) -> pb.ComputeResponse:
+        request_id = req.request_id or uuid.uuid4().hex
+        options = self.options(req)
+        if session is None:
+            session = self.session_for(req, principal)
+        raw = decode_inputs(req.inputs)
+        if session is not None:
+            loss = session.loss
+        else:
+            if not req.loss.name:
+                raise invalid("loss.name", "expected a loss name (see ListLosses)")
+            loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
+        inputs = compute.validate_inputs(type(loss), raw, max_batch_elements=self.config.max_batch_elements)
+        loss.check_inputs(inputs)
+        started = time.perf_counter()
+        try:
+            if session is not None:
+                result = session.compute(inputs, options, self.config.compute_dtype, self.budget)
+                self.after_step(session)
+            else:
+                self.check_budget(loss, inputs)
+                self.prepare_stateless(loss, inputs)
+                result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
+                                     options=options, training=False)
+        except torch.OutOfMemoryError:
+            _free(self.device)
+            raise ResourceExhausted("inputs.embeddings: the device ran out of memory computing this batch; "
+                                    "send smaller batches", field="inputs.embeddings") from None
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_compute(loss.name, elapsed, result.n, result.stats, result.triplets_total)
+        return self.encode_result(request_id, result, session.step if session is not None else 0)
+
+    def check_budget(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
+        emb = inputs.get("embeddings")
+        if emb is None or not self.budget:
+            return
+        n, d = emb.shape
+        need = compute.estimate_bytes(type(loss), n, d, n, emb.element_size())
+        if need > self.budget:
+            raise ResourceExhausted(
+                f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
+                f"budget of {self.budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
+
+    def prepare_stateless(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Stateful losses used without a session get fresh state (seed 0) unless the request carries it."""
+        if loss.stateful and "embeddings" in inputs and not any(
+                s.name in inputs for s in loss.inputs if s.differentiable and s.name != "embeddings"):
+            loss.init_state(int(inputs["embeddings"].shape[1]), self.device, torch.Generator().manual_seed(0), {})
+
+    def encode_result(self, request_id: str, r: compute.ComputeResult, step: int) -> pb.ComputeResponse:
+        resp = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
+        for name, g in r.gradients.items():
+            resp.gradients[name].CopyFrom(codec.encode(g, f"gradients.{name}"))
+        if r.triplets is not None:
+            resp.triplets.CopyFrom(codec.encode(r.triplets, "triplets"))
+            resp.triplets_truncated = r.triplets_total > r.triplets.shape[0]
+        if r.triplet_ids is not None:
+            resp.triplet_ids.CopyFrom(codec.encode(r.triplet_ids, "triplet_ids"))
+        if r.per_item is not None:
+            resp.per_item_losses.CopyFrom(codec.encode(r.per_item, "per_item_losses"))
+        for k, v in r.stats.items():
+            resp.stats[k] = v
+        return resp
+
+    def after_step(self, session: Session) -> None:
+        cfg = self.config
+        if not cfg.persist:
+            return
+        due_steps = cfg.checkpoint_every_steps and session.steps_since_checkpoint >= cfg.checkpoint_every_steps
+        due_time = cfg.checkpoint_every_seconds and session.steps_since_checkpoint and \
+            time.time() - max(session.last_checkpoint_time, session.created_time) >= cfg.checkpoint_every_seconds
+        if due_steps or due_time:
+            self.checkpoint(session)
+
+    def checkpoint(self, session: Session) -> int:
+        try:
+            step = self.store.save(session)
+        except OSError:
+            self.metrics.checkpoints.labels("error").inc()
+            log.exception("writing the checkpoint of session %s failed", session.id)
+            raise
+        self.metrics.checkpoints.labels("ok").inc()
+        return step
+
+    # ---- sessions ----------------------------------------------------------------------------------------
+    def create_session(self, req: pb.CreateSessionRequest, principal: str) -> pb.CreateSessionResponse:
+        c = req.config
+        if not c.loss.name:
+            raise invalid("config.loss.name", "expected a loss name (see ListLosses)")
+        spec = parse_spec(c.loss.name, struct_to_dict(c.loss.params),
+                          value_to_python(c.head) if c.HasField("head") else None,
+                          struct_to_dict(c.optimizer) if c.HasField("optimizer") else None,
+                          struct_to_dict(c.memory) if c.HasField("memory") else None,
+                          c.seed if c.HasField("seed") else None)
+        initial = decode_inputs(c.initial_state, "config.initial_state")
+        for name, t in initial.items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise invalid(f"config.initial_state.{name}", "every entry must be finite")
+        check = getattr(losses.get(spec.loss), "check_initial_state", None)
+        if check is not None:
+            check(spec.params, initial)
+        session = self.store.create(spec, principal, initial)
+        self.metrics.open_sessions.set(len(self.store))
+        if self.config.persist:
+            self.checkpoint(session)
+        return pb.CreateSessionResponse(session=self.session_info(session))
+
+    def session_info(self, s: Session) -> pb.SessionInfo:
+        info = pb.SessionInfo(
+            session_id=s.id, step=s.step, parameter_count=s.parameter_count() if s.materialized else 0,
+            memory_fill=s.memory.fill if s.memory is not None else 0, memory_size=s.spec.memory_size,
+            last_checkpoint_step=s.last_checkpoint_step, last_checkpoint_time=s.last_checkpoint_time,
+            status="ready", device=str(s.device), created_time=s.created_time)
+        info.config.loss.name = s.spec.loss
+        info.config.loss.params.update(_jsonable(s.spec.params))
+        if s.spec.head:
+            info.config.head.CopyFrom(to_value(s.spec.head))
+        if s.spec.optimizer:
+            info.config.optimizer.update(_jsonable(s.spec.optimizer))
+        info.config.memory.update({"size": s.spec.memory_size})
+        info.config.seed = s.spec.seed
+        if s.optimizer_spec is not None:
+            from .optim import summary
+            info.optimizer_state.update(_jsonable(summary(s.optimizer_spec, s.optimizer, s.step)))
+        return info
+
+    def get_session(self, req: pb.GetSessionRequest, principal: str) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse(session=self.session_info(self.store.get(req.session_id, principal)))
+
+    def list_sessions(self, req: pb.ListSessionsRequest, principal: str) -> pb.ListSessionsResponse:
+        mine, corrupt = self.store.list(principal)
+        resp = pb.ListSessionsResponse(sessions=[self.session_info(s) for s in mine])
+        for c in corrupt:
+            resp.sessions.add(session_id=c.id, status="corrupt", status_message=f"{c.reason}; moved to {c.path}",
+                              last_checkpoint_step=-1)
+        return resp
+
+    def close_session(self, req: pb.CloseSessionRequest, principal: str) -> pb.CloseSessionResponse:
+        session = self.store.get(req.session_id, principal)
+        if req.keep_checkpoint and self.store.state_dir is not None:
+            self.checkpoint(session)
+        info = self.session_info(session)
+        self.store.remove(req.session_id, principal, keep_checkpoint=req.keep_checkpoint)
+        self.metrics.open_sessions.set(len(self.store))
+        return pb.CloseSessionResponse(session=info)
+
+    def save_checkpoint(self, req: pb.SaveCheckpointRequest, principal: str,
+                        session: Session | None = None) -> pb.SaveCheckpointResponse:
+        session = session or self.store.get(req.session_id, principal)
+        if self.store.state_dir is None:
+            raise invalid("session_id", "the server runs without a state_dir (persist: false); nothing to write")
+        return pb.SaveCheckpointResponse(step=self.checkpoint(session))
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def embed(self, req: pb.EmbedRequest, principal: str, session: Session | None = None) -> pb.EmbedResponse:
+        session = session or self.store.get(req.session_id, principal)
+        x = decode_inputs({"embeddings": req.embeddings}, "")["embeddings"]
+        x = compute.validate_inputs(type(session.loss), {"embeddings": x},
+                                    max_batch_elements=self.config.max_batch_elements)["embeddings"] \
+            if "embeddings" in {s.name for s in session.loss.inputs} else x
+        return pb.EmbedResponse(embeddings=codec.encode(session.embed(x), "embeddings"))
+
+    def export_model(self, req: pb.ExportModelRequest, principal: str,
+                     session: Session | None = None) -> pb.ExportModelResponse:
+        session = session or self.store.get(req.session_id, principal)
+        if not session.materialized:
+            raise invalid("session_id", "the session has seen no batch yet, so its head has no input width; "
+                          "send one Compute or Embed first")
+        head_state = {k: v.detach().cpu().contiguous() for k, v in session.head.state_dict().items()} \
+            if session.head is not None else {}
+        out_dim = session.in_dim
+        for item in session.spec.head:
+            out_dim = item.get("out_dim", out_dim)
+        config = {"head": session.spec.head, "in_dim": session.in_dim, "out_dim": out_dim,
+                  "loss": {"name": session.spec.loss, "params": session.spec.params}, "step": session.step}
+        resp = pb.ExportModelResponse(config_json=json.dumps(_jsonable(config)), weights=st_save(head_state),
+                                      step=session.step)
+        for name, t in session.loss.state_tensors().items():
+            resp.state[name].CopyFrom(codec.encode(t.detach().cpu(), f"state.{name}"))
+        return resp
+
+    def list_losses(self, req: pb.ListLossesRequest, principal: str) -> pb.ListLossesResponse:
+        return pb.ListLossesResponse(losses=[loss_info(cls) for cls in losses.all_losses()])
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import os
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,367 @@
+"""Sessions: a loss configuration plus the trainable state a client trains batch by batch (head, loss state such
+as island centres or learnable PML parameters, optimiser, cross-batch memory, step), owned by one principal,
+persisted to ``state_dir`` and restored on start.
+
+Nothing here knows gRPC. Callers serialise the batches of one session (the servicer holds a per-session lock);
+different sessions run concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from embtrain.heads import HeadSpecError, build_head, normalize_spec, set_generator
+
+from . import checkpoint, compute, losses, optim
+from .errors import InvalidArgument, NotFound, ResourceExhausted, invalid
+from .memory import SCHEMA as MEMORY_SCHEMA
+from .memory import MemoryBank
+
+log = logging.getLogger("embtrain.sessions")
+
+_SEED_BITS = 2**62
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """A validated session configuration (what CreateSession asked for, with defaults filled in)."""
+
+    loss: str
+    params: dict[str, Any]  # as the client gave them (the loss re-validates them on restore)
+    head: list[dict[str, Any]]
+    optimizer: dict[str, Any] | None  # as given; None: the default (adam, lr 1e-3) for trainable parameters
+    memory_size: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "params": self.params, "head": self.head, "optimizer": self.optimizer,
+                "memory": {"size": self.memory_size}, "seed": self.seed}
+
+
+def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, optimizer: Mapping[str, Any] | None,
+               memory: Mapping[str, Any] | None, seed: int | None) -> SessionSpec:
+    """Validate everything a session needs before any state exists. Raises ``InvalidArgument``."""
+    cls = losses.get(loss_name, "config.loss.name")
+    cls(params)  # validates the parameters
+    try:
+        head_spec = normalize_spec(head, "config.head")
+    except HeadSpecError as exc:
+        raise InvalidArgument(str(exc), field=exc.field) from None
+    if optimizer:
+        optim.parse_spec(optimizer, "config.optimizer")
+    mem = MEMORY_SCHEMA.parse(memory, "config.memory")
+    if seed is None:
+        seed = secrets.randbelow(_SEED_BITS)
+    elif not 0 <= seed < 2**63:
+        raise invalid("config.seed", f"expected 0 <= seed < 2^63, got {seed}")
+    return SessionSpec(loss=loss_name, params=dict(params or {}), head=head_spec,
+                       optimizer=dict(optimizer) if optimizer else None, memory_size=mem["size"], seed=seed)
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    spec: SessionSpec
+    device: torch.device
+    loss: losses.Loss
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+    created_time: float = field(default_factory=time.time)
+    in_dim: int | None = None
+    head: torch.nn.Sequential | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    optimizer_spec: optim.OptimizerSpec | None = None
+    memory: MemoryBank | None = None
+    generator: torch.Generator | None = None
+    last_checkpoint_step: int = -1
+    last_checkpoint_time: float = 0.0
+    steps_since_checkpoint: int = 0
+
+    # ---- model materialisation --------------------------------------------------------------------------
+    @property
+    def materialized(self) -> bool:
+        return self.in_dim is not None
+
+    def materialize(self, in_dim: int) -> None:
+        """Build the head, the loss state, the optimiser and the memory for embeddings of width ``in_dim``.
+
+        Deterministic in (spec, seed, in_dim): initialisation runs on the CPU under a forked RNG seeded from the
+        session seed, then moves to the device, so a retried or restored session builds the same state.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed)
+            head, out_dim = build_head(self.spec.head, in_dim)
+            state_gen = torch.Generator().manual_seed(self.spec.seed + 1)
+            self.loss.init_state(out_dim, torch.device("cpu"), state_gen, self.initial_state)
+        self.loss.load_state_tensors({k: v.to(self.device) for k, v in self.loss.state_tensors().items()})
+        self.head = head.to(self.device) if len(head) else None
+        self.generator = torch.Generator(device="cpu").manual_seed(self.spec.seed + 2)
+        if self.head is not None:
+            set_generator(self.head, self.generator)
+        trainable = self.trainable()
+        if trainable:
+            raw = self.spec.optimizer or {"type": "adam", "lr": 1e-3}
+            self.optimizer_spec = optim.parse_spec(raw, "config.optimizer")
+            self.optimizer = optim.build(self.optimizer_spec, trainable)
+        if self.spec.memory_size:
+            self.memory = MemoryBank(self.spec.memory_size, out_dim, self.device, torch.float32)
+        self.in_dim = in_dim
+
+    def loss_state_params(self) -> list[torch.nn.Parameter]:
+        return [t for t in self.loss.state_tensors().values() if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        head = [p for p in self.head.parameters() if p.requires_grad] if self.head is not None else []
+        # Loss state parameters are stepped by the session optimiser when the client configured one
+        # (otherwise a loss such as island applies its own rule, e.g. center_lr).
+        extra = self.loss_state_params() if (self.spec.optimizer or self.loss.family == "pml") else []
+        return head + extra
+
+    def parameter_count(self) -> int:
+        n = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
+        return n + sum(t.numel() for t in self.loss.state_tensors().values())
+
+    # ---- one batch ---------------------------------------------------------------------------------------
+    def check_width(self, d: int) -> None:
+        if self.in_dim is not None and d != self.in_dim:
+            raise invalid("inputs.embeddings", f"width {d}, expected {self.in_dim} (the session's embedding width)")
+
+    def compute(self, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions, compute_dtype: str,
+                estimate_budget: int) -> compute.ComputeResult:
+        """Run one validated batch and apply it: optimiser step, loss state update, memory, step += 1.
+
+        Everything that can reject the batch runs before any state changes.
+        """
+        emb = inputs["embeddings"]
+        self.check_width(int(emb.shape[1]))
+        m = emb.shape[0] + (self.memory.fill if self.memory is not None else 0)
+        need = compute.estimate_bytes(type(self.loss), emb.shape[0], emb.shape[1], m, emb.element_size())
+        if estimate_budget and need > estimate_budget:
+            raise ResourceExhausted(
+                f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
+                f"budget of {estimate_budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
+        if not self.materialized:
+            self.materialize(int(emb.shape[1]))
+        if self.memory is not None and "labels" not in inputs:
+            raise invalid("inputs.labels", "required when the session has a cross-batch memory")
+        if self.head is not None:
+            self.head.train()
+        external = self.optimizer is not None and bool(self.loss_state_params()) and \
+            any(p is q for p in self.loss_state_params() for g in self.optimizer.param_groups for q in g["params"])
+        result = compute.run(
+            self.loss, inputs, device=self.device, compute_dtype=compute_dtype, options=options, head=self.head,
+            memory=self.memory.view() if self.memory is not None and self.memory.fill else None,
+            trainable=self.trainable(), training=True, state_optimized_externally=external)
+        # ---- commit: nothing below rejects the batch ----
+        if self.optimizer is not None and self.optimizer_spec is not None:
+            optim.apply_step(self.optimizer_spec, self.optimizer, result.param_grads, self.step)
+        loss_inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if result.head_output is not None:
+            loss_inputs["embeddings"] = result.head_output
+        ctx = losses.ComputeContext(device=self.device, max_triplets=options.max_triplets,
+                                    state_optimized_externally=external)
+        with torch.no_grad():
+            self.loss.update(loss_inputs, result.output, ctx)
+        if self.memory is not None:
+            z = result.head_output if result.head_output is not None else inputs["embeddings"].to(self.device)
+            self.memory.enqueue(z, inputs["labels"], inputs.get(compute.IDS_INPUT))
+        self.step += 1
+        self.steps_since_checkpoint += 1
+        return result
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_width(int(x.shape[1]))
+        if not self.materialized:
+            self.materialize(int(x.shape[1]))
+        if self.head is None:
+            return x
+        self.head.eval()
+        with torch.no_grad():
+            return self.head(x.to(self.device, compute.head_dtype(self.head))).to("cpu", x.dtype)
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        record: dict[str, Any] = {
+            "id": self.id, "owner": self.owner, "spec": self.spec.to_dict(), "step": self.step,
+            "created_time": self.created_time, "in_dim": self.in_dim, "saved_time": time.time(),
+        }
+        for k, v in self.initial_state.items():
+            tensors[f"initial.{k}"] = v
+        if self.materialized:
+            if self.head is not None:
+                tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+            tensors.update({f"loss.{k}": v for k, v in self.loss.state_tensors().items()})
+            if self.generator is not None:
+                tensors["rng.generator"] = self.generator.get_state()
+            if self.optimizer is not None:
+                sd = self.optimizer.state_dict()
+                scalars: dict[str, Any] = {}
+                for idx, st in sd["state"].items():
+                    for key, val in st.items():
+                        if torch.is_tensor(val):
+                            tensors[f"optim.{idx}.{key}"] = val
+                        else:
+                            scalars[f"{idx}.{key}"] = val
+                record["optimizer"] = {"param_groups": sd["param_groups"], "scalars": scalars}
+            if self.memory is not None:
+                mt, mm = self.memory.state()
+                tensors.update(mt)
+                record["memory"] = mm
+        return record, tensors
+
+    @classmethod
+    def from_checkpoint(cls, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                        device: torch.device) -> Session:
+        s = record["spec"]
+        spec = SessionSpec(loss=s["loss"], params=s["params"], head=s["head"], optimizer=s["optimizer"],
+                           memory_size=s["memory"]["size"], seed=s["seed"])
+        loss = losses.get(spec.loss)(spec.params)
+        initial = {k.removeprefix("initial."): v for k, v in tensors.items() if k.startswith("initial.")}
+        sess = cls(id=record["id"], owner=record["owner"], spec=spec, device=device, loss=loss, initial_state=initial,
+                   step=int(record["step"]), created_time=float(record["created_time"]))
+        if record.get("in_dim") is not None:
+            sess.materialize(int(record["in_dim"]))
+            if sess.head is not None:
+                sess.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+            state = {k[5:]: v for k, v in tensors.items() if k.startswith("loss.")}
+            if state:
+                sess.loss.load_state_tensors({k: v.to(device) for k, v in state.items()})
+                if sess.optimizer is not None:  # the loss may have replaced its parameters: rebuild the optimiser
+                    sess.optimizer = optim.build(sess.optimizer_spec, sess.trainable())
+            if "rng.generator" in tensors and sess.generator is not None:
+                sess.generator.set_state(tensors["rng.generator"])
+            if sess.optimizer is not None and "optimizer" in record:
+                st: dict[int, dict[str, Any]] = {}
+                for k, v in tensors.items():
+                    if k.startswith("optim."):
+                        _, idx, key = k.split(".", 2)
+                        st.setdefault(int(idx), {})[key] = v.to(device) if key != "step" else v
+                for k, v in record["optimizer"]["scalars"].items():
+                    idx, key = k.split(".", 1)
+                    st.setdefault(int(idx), {})[key] = v
+                sess.optimizer.load_state_dict({"state": st, "param_groups": record["optimizer"]["param_groups"]})
+            if sess.memory is not None:
+                sess.memory.load(tensors, record["memory"])
+        return sess
+
+
+@dataclass
+class CorruptEntry:
+    id: str
+    owner: str | None
+    path: str
+    reason: str
+
+
+class SessionStore:
+    """All sessions of this server, by id; each visible only to its owner."""
+
+    def __init__(self, device: torch.device, state_dir: str | None, node_id: str = "",
+                 max_per_principal: int = 64) -> None:
+        self.device = device
+        self.state_dir = pathlib.Path(state_dir) if state_dir else None
+        self.node_id = node_id
+        self.max_per_principal = max_per_principal
+        self._sessions: dict[str, Session] = {}
+        self._corrupt: dict[str, CorruptEntry] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def new_id(self) -> str:
+        token = secrets.token_hex(10)
+        return f"{self.node_id}.{token}" if self.node_id else token
+
+    def create(self, spec: SessionSpec, owner: str, initial_state: Mapping[str, torch.Tensor]) -> Session:
+        loss = losses.get(spec.loss, "config.loss.name")(spec.params)
+        with self._lock:
+            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if mine >= self.max_per_principal:
+                raise ResourceExhausted(f"sessions: {owner!r} already has {mine} sessions, the limit per principal; "
+                                        f"close one first", field="sessions")
+            sess = Session(id=self.new_id(), owner=owner, spec=spec, device=self.device, loss=loss,
+                           initial_state=dict(initial_state))
+            self._sessions[sess.id] = sess
+        return sess
+
+    def get(self, session_id: str, owner: str, field_name: str = "session_id") -> Session:
+        sess = self._sessions.get(session_id)
+        if sess is None or sess.owner != owner:
+            # Another principal's session is indistinguishable from a missing one.
+            hint = " (its checkpoint is corrupt; see ListSessions)" if self._visible_corrupt(session_id, owner) else ""
+            raise NotFound(f"{field_name}: no session {session_id!r}{hint}", field=field_name)
+        return sess
+
+    def _visible_corrupt(self, session_id: str, owner: str) -> bool:
+        c = self._corrupt.get(session_id)
+        return c is not None and c.owner in (None, owner)
+
+    def list(self, owner: str) -> tuple[list[Session], list[CorruptEntry]]:
+        with self._lock:
+            mine = [s for s in self._sessions.values() if s.owner == owner]
+            bad = [c for c in self._corrupt.values() if c.owner in (None, owner)]
+        return sorted(mine, key=lambda s: s.created_time), bad
+
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def remove(self, session_id: str, owner: str, keep_checkpoint: bool) -> Session:
+        sess = self.get(session_id, owner)
+        with self._lock:
+            self._sessions.pop(session_id, None)
+        if not keep_checkpoint and self.state_dir is not None:
+            self.path(session_id).unlink(missing_ok=True)
+        return sess
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def path(self, session_id: str) -> pathlib.Path:
+        assert self.state_dir is not None
+        return self.state_dir / f"{session_id}{checkpoint.SUFFIX}"
+
+    def save(self, sess: Session) -> int:
+        """Write the session's checkpoint now (the caller holds the session's order). Returns its step."""
+        if self.state_dir is None:
+            return sess.step
+        record, tensors = sess.to_checkpoint()
+        checkpoint.write_atomic(self.path(sess.id), checkpoint.encode(record, tensors))
+        sess.last_checkpoint_step = sess.step
+        sess.last_checkpoint_time = time.time()
+        sess.steps_since_checkpoint = 0
+        return sess.step
+
+    def restore_all(self) -> tuple[int, int]:
+        """Load every checkpoint in ``state_dir``; damaged ones are reported and moved aside. (loaded, corrupt)."""
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return 0, 0
+        loaded = bad = 0
+        for path in sorted(self.state_dir.glob(f"*{checkpoint.SUFFIX}")):
+            sid = path.name[: -len(checkpoint.SUFFIX)]
+            data = path.read_bytes()
+            try:
+                record, tensors = checkpoint.decode(data)
+                sess = Session.from_checkpoint(record, tensors, self.device)
+                sess.last_checkpoint_step = sess.step
+                sess.last_checkpoint_time = float(record.get("saved_time", 0.0))
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+                reason = str(exc) if isinstance(exc, checkpoint.CorruptCheckpoint) else f"{type(exc).__name__}: {exc}"
+                moved = checkpoint.move_aside(path)
+                log.error("checkpoint %s is corrupt (%s); moved to %s", path, reason, moved)
+                self._corrupt[sid] = CorruptEntry(sid, checkpoint.peek_owner(data), str(moved), reason)
+                bad += 1
+                continue
+            self._sessions[sess.id] = sess
+            loaded += 1
+        return loaded, bad
