@@ -96,7 +96,7 @@ EXPOSE 50051 9400
 # The gRPC health service answers without a token. Through sh so that a changed EMBTRAIN_PORT is followed, and
 # any failure becomes exit 1, the only "unhealthy" status Docker defines.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["/bin/sh", "-c", "embtrain health --target \"127.0.0.1:${EMBTRAIN_PORT:-50051}\" --timeout 3 || exit 1"]
+  CMD ["/bin/sh", "-c", "embtrain --target \"127.0.0.1:${EMBTRAIN_PORT:-50051}\" --timeout 3 health || exit 1"]
 
 # Exec form: the server is PID 1 and gets SIGTERM itself (it then drains for drain_seconds and checkpoints).
 ENTRYPOINT ["embtrain-server"]

@@ -1,6 +1,6 @@
 """Tensors on the wire: dtype + shape + raw little-endian row-major bytes.
 
-Shared by the SDK and the server. Decoding is zero-copy (the array or tensor views the message's bytes);
+Shared by the SDK and the server. Decoding reads the message's bytes once (protobuf's accessor returns one copy) and views them;
 encoding copies each tensor once (``tobytes`` reads non-contiguous input directly in C order). A byte length that
 does not match shape x itemsize is refused with a ``TensorError`` naming the field.
 """
@@ -68,7 +68,7 @@ def is_float(t: pb.Tensor) -> bool:
     return bool(d and d.is_float)
 
 
-def _spec(t: pb.Tensor, field: str) -> tuple[_DType, tuple[int, ...]]:
+def _spec(t: pb.Tensor, data: bytes, field: str) -> tuple[_DType, tuple[int, ...]]:
     d = _BY_WIRE.get(t.dtype)
     if d is None:
         raise TensorError(f"{field}.dtype", f"expected one of {', '.join(DTYPE_NAMES)}, got enum value {t.dtype}")
@@ -78,34 +78,38 @@ def _spec(t: pb.Tensor, field: str) -> tuple[_DType, tuple[int, ...]]:
     if len(shape) > 8:
         raise TensorError(f"{field}.shape", f"at most 8 dimensions, got {len(shape)}")
     count = math.prod(shape)
-    if count * d.itemsize != len(t.data):
+    if count * d.itemsize != len(data):
         raise TensorError(
             f"{field}.data",
-            f"{len(t.data)} bytes, expected {count * d.itemsize} ({'x'.join(map(str, shape)) or 'scalar'} "
+            f"{len(data)} bytes, expected {count * d.itemsize} ({'x'.join(map(str, shape)) or 'scalar'} "
             f"{d.name} at {d.itemsize} bytes each)")
     return d, shape
 
 
 def decode_numpy(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
-    """A read-only numpy view of the message's bytes (no copy)."""
-    d, shape = _spec(t, field)
+    """A read-only numpy view of the tensor's bytes. The protobuf accessor ``t.data`` hands out one copy of the
+    bytes; it is read exactly once and viewed, never copied again."""
+    data = t.data
+    d, shape = _spec(t, data, field)
     if d.numpy is None:
         raise TensorError(f"{field}.dtype", "bfloat16 has no numpy type; decode with torch (embtrain[torch])")
-    return np.frombuffer(t.data, dtype=np.dtype(d.numpy)).reshape(shape)
+    return np.frombuffer(data, dtype=np.dtype(d.numpy)).reshape(shape)
 
 
 def decode_torch(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
-    """A CPU torch tensor viewing the message's bytes (no copy). Treat it as read-only."""
+    """A CPU torch tensor viewing the tensor's bytes (read once from the message, not copied again).
+    Treat it as read-only."""
     import torch
 
-    d, shape = _spec(t, field)
+    data = t.data
+    d, shape = _spec(t, data, field)
     dtype = getattr(torch, d.name)
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
         # The buffer is immutable bytes; nothing downstream writes into decoded inputs.
         warnings.simplefilter("ignore", UserWarning)
-        out = torch.frombuffer(t.data, dtype=dtype).reshape(shape)
+        out = torch.frombuffer(data, dtype=dtype).reshape(shape)
     if not _LITTLE and d.itemsize > 1:  # pragma: no cover - big-endian hosts only
         out = torch.from_numpy(out.numpy().byteswap())
     return out

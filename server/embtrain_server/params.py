@@ -84,6 +84,8 @@ class Param:
         return [item._number(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
     def _number(self, value: Any, where: str) -> float | int:
+        if self.allow_inf and isinstance(value, str) and value.lower() in ("inf", "+inf", "infinity", "+infinity"):
+            value = float("inf")  # JSON clients (grpcurl) cannot send an infinite number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid(where, f"expected {self._expected()}, got {_show(value)}")
         if self.kind == "int":

@@ -32,11 +32,22 @@ log = logging.getLogger("embtrain.service")
 
 
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(s)
+    """Struct -> dict, keeping non-finite numbers (``json_format`` refuses them; the binary wire carries them)."""
+    return {k: value_to_python(v) for k, v in s.fields.items()}
 
 
 def value_to_python(v: struct_pb2.Value) -> Any:
-    return json_format.MessageToDict(v) if v.WhichOneof("kind") else None
+    kind = v.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(v.struct_value)
+    if kind == "list_value":
+        return [value_to_python(x) for x in v.list_value.values]
+    if kind == "number_value":
+        x = v.number_value
+        return int(x) if x.is_integer() and abs(x) < 2**53 else x
+    if kind in ("string_value", "bool_value"):
+        return getattr(v, kind)
+    return None
 
 
 def to_value(x: Any) -> struct_pb2.Value:

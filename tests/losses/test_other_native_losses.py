@@ -40,9 +40,9 @@ def _vector(name: str) -> dict[str, Any]:
 
 
 def _ctx(device: str, max_triplets: int = 10_000, memory: Memory | None = None, training: bool = True,
-         ) -> ComputeContext:
+         external: bool = False) -> ComputeContext:
     return ComputeContext(device=torch.device(device), max_triplets=max_triplets, want_per_item=True,
-                          memory=memory, training=training)
+                          memory=memory, training=training, state_optimized_externally=external)
 
 
 def _run(loss_name: str, params: dict[str, Any], inputs: dict[str, torch.Tensor], ctx: ComputeContext,
@@ -222,6 +222,21 @@ def test_wmr_matrix_equals_mean_of_row_runs(params: dict[str, Any], monkeypatch:
     assert capped.triplets_total == len(ref_triplets)
 
 
+@pytest.mark.parametrize("name", ["a01_wmr_weighted_basic", "a03_wmr_clamp_dontcare", "a05_wmr_all_far",
+                                  "a07_wmr_index_order_compat"])
+def test_wmr_vector_split_by_rows(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A budget below one anchor's n x n pairs splits its rows r into chunks of 2: same results as the vector.
+    monkeypatch.setattr(wmr_module, "_BLOCK_ELEMENTS", 2 * len(_vector(name)["inputs"]["embeddings"]))
+    v = _vector(name)
+    out, grads, _ = _run(v["loss"], v["hyperparameters"], _inputs_of(v), _ctx("cpu", max_triplets=3))
+    tol = v["tolerance"]["float64"]
+    _close(out.loss, v["expected"]["loss"], tol)
+    _close(grads["embeddings"], v["expected"]["grad_embeddings"], tol)
+    _close(out.per_item, v["expected"]["per_triplet_loss"], tol)
+    assert out.triplets.tolist() == v["expected"]["mined_triplets"][:3]
+    assert out.triplets_total == len(v["expected"]["mined_triplets"])
+
+
 def test_wmr_no_pairs_is_zero_not_nan() -> None:
     x = torch.randn(5, 3, dtype=torch.float64)
     for gt in (torch.full((4,), 2.0), torch.full((5, 5), 2.0), torch.tensor([0.1, 0.2, 0.3, 0.4])):
@@ -332,10 +347,10 @@ def test_island_no_update_outside_training_or_when_stepped_externally() -> None:
     v = _vector("d01_island_unordered_mean")
     inputs = _inputs_of(v)
     centers = inputs.pop("centers")
-    for params, ctx, external in (({"center_update": "paper"}, _ctx("cpu", training=False), False),
-                                  ({"center_update": "sgd"}, _ctx("cpu"), True)):
+    for params, ctx in (({"center_update": "paper"}, _ctx("cpu", training=False)),
+                        ({"center_update": "sgd"}, _ctx("cpu", training=False)),
+                        ({"center_update": "sgd"}, _ctx("cpu", external=True))):
         loss = _session(v["hyperparameters"] | params, centers=centers)
-        loss.centers_stepped_externally = external
         out, _, _ = _run("island", {}, inputs, ctx, loss=loss)
         loss.update(inputs, out, ctx)
         torch.testing.assert_close(loss.state_tensors()["centers"].detach(), centers, rtol=0, atol=0)

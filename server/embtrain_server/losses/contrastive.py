@@ -7,27 +7,27 @@ With cross-batch memory (``ctx.memory``) the anchors are the batch rows and the 
 plus every memory row: the pairs are ``(i, j)`` for batch ``i < j`` and ``(i, n + k)`` for every memory row
 ``k``, ``n(n−1)/2 + n·m`` of them; memory rows get no gradient.
 
-The module also holds the squared-distance helpers the pairwise losses share: exact values from differences in
-float64 (LOSSES.md §0.6), made differentiable through the Gram form.
+The module also holds the squared-distance helpers the pairwise losses share: exact float64 values (``distances``,
+LOSSES.md §0.6), made differentiable through the Gram form.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
+from .distances import pairwise_sq_dists
 
 
 def sq_dists_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``||a_i − b_j||²`` as a float64 [n, m] tensor without grad, computed from differences (never the Gram
-    form, which cancels for nearby points in float32 and turns duplicates into spurious small distances)."""
+    """``||a_i − b_j||²`` as a float64 [n, m] tensor without grad, exact as LOSSES.md §0.6 asks (differences,
+    or the Gram form with every near-cancelling entry recomputed from differences; see ``distances``)."""
     with torch.no_grad():
-        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-        if a64.shape[0] == 0 or b64.shape[0] == 0:
-            return a64.new_zeros(a64.shape[0], b64.shape[0])
-        return torch.cdist(a64, b64, compute_mode="donot_use_mm_for_euclid_dist").square()
+        return pairwise_sq_dists(a.detach().to(torch.float64), b.detach().to(torch.float64))
 
 
 def sq_dists_with_grad(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,7 +45,7 @@ def sq_dists_with_grad(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor | N
     return (gram + (exact - gram).detach()).to(a.dtype)
 
 
-def check_labels(inputs: dict[str, torch.Tensor]) -> None:
+def check_labels(inputs: Mapping[str, torch.Tensor]) -> None:
     """``inputs.labels`` must be a vector with one label per embedding row."""
     n = inputs["embeddings"].shape[0]
     y = inputs["labels"]
@@ -71,7 +71,7 @@ class ContrastiveLoss(Loss):
     ))
     complexity = "n2"
 
-    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs)
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import invalid
 from ..params import Param, Schema
-from .base import EMBEDDINGS, LABELS, ComputeContext, InputSpec, Loss, LossOutput, register
+from .base import EMBEDDINGS, ComputeContext, InputSpec, Loss, LossOutput, register
 from .contrastive import check_labels
 
 # Centres with a norm below this have cos := 0 with everything (constant, no gradient) instead of 0/0.
@@ -84,9 +84,9 @@ class IslandLoss(Loss):
 
     ``center_update`` (session mode only): ``"paper"`` applies ``c ← c − center_alpha·Δc`` with the paper's Δc
     (``paper_center_delta``; α ∈ [0, 1] as in the center loss of Wen et al.), ``"sgd"`` applies
-    ``c ← c − center_lr·∂loss/∂C`` (the centres are exposed as a ``torch.nn.Parameter``; a session that steps
-    them with its own optimiser sets ``centers_stepped_externally = True`` and ``update`` leaves them alone),
-    ``"none"`` keeps them fixed. Updates only happen in training calls (``ctx.training``).
+    ``c ← c − center_lr·∂loss/∂C`` (the centres are exposed as a ``torch.nn.Parameter``; when the session's own
+    optimiser steps them, ``ctx.state_optimized_externally``, ``update`` leaves them alone and ``center_lr`` is
+    unused), ``"none"`` keeps them fixed. Updates only happen in training calls (``ctx.training``).
     """
 
     name = "island"
@@ -122,7 +122,6 @@ class IslandLoss(Loss):
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
         super().__init__(params)
         self._centers: torch.Tensor | None = None
-        self.centers_stepped_externally = False
 
     # ---- validation ---------------------------------------------------------------------------------------
     def _num_classes(self, inputs: Mapping[str, torch.Tensor]) -> int | None:
@@ -132,7 +131,7 @@ class IslandLoss(Loss):
             return int(self._centers.shape[0])
         return None
 
-    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs)
         d = inputs["embeddings"].shape[1]
         c = inputs.get("centers")
@@ -222,7 +221,7 @@ class IslandLoss(Loss):
         y = inputs["labels"]
         if mode == "paper":
             step = self.params["center_alpha"] * paper_center_delta(x, y, c.detach(), self.params["lambda1"])
-        elif mode == "sgd" and not self.centers_stepped_externally:
+        elif mode == "sgd" and not ctx.state_optimized_externally:
             # The centres are still those of the forward, so this is exactly ∂loss/∂C of the returned loss.
             leaf = c.detach().clone().requires_grad_(True)
             with torch.enable_grad():

@@ -12,6 +12,8 @@ the batch rows followed by the memory rows (no gradient through memory).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +41,7 @@ class MultiSimilarityLoss(Loss):
     ))
     complexity = "n2"
 
-    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs)
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:

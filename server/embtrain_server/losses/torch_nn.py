@@ -40,6 +40,7 @@ Check = Callable[[Tensors, Mapping[str, Any]], None]
 
 # Constructor arguments that are tensors: they arrive as optional inputs and go to the constructor.
 _CTOR_TENSORS = ("weight", "pos_weight")
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _DEPRECATED_WHY = "deprecated in torch; use params.reduction ('none', 'mean' or 'sum')"
 
 
@@ -461,7 +462,7 @@ class _TorchLoss(Loss):
         args = [inputs[s.name] for s in self.inputs if s.name not in _CTOR_TENSORS]
         try:
             out = row.cls(**kwargs)(*args)
-        except torch.OutOfMemoryError:
+        except _OOM:
             raise  # a capacity problem, not the caller's input
         except (RuntimeError, ValueError) as exc:
             # Last resort: the checks above should have caught it with a better message.

@@ -17,6 +17,8 @@ from the selected coefficients, which gives autograd the exact gradient of §A.3
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -65,7 +67,7 @@ class WeightedMarginRankingLoss(Loss):
             raise invalid("params.max_dist", f"must be > params.min_dist ({self.params['min_dist']!r}), "
                           f"got {self.params['max_dist']!r}")
 
-    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         n = inputs["embeddings"].shape[0]
         gt = inputs["gt_distances"]
         if gt.dim() == 1:
@@ -101,41 +103,51 @@ class WeightedMarginRankingLoss(Loss):
         valid_all = torch.ones(g_all.shape, dtype=torch.bool, device=dev)
         valid_all[torch.arange(anchors.numel(), device=dev), anchors] = False  # an anchor is not its own sample
 
-        # Squared distances anchor -> every row: exact values (differences, float64) for the selection.
+        # Squared distances anchor -> every row, exact (LOSSES.md §0.6), for the selection.
         sq64 = sq_dists_exact(x.detach()[anchors], x.detach())
 
         p = self.params
-        coef = torch.zeros_like(sq64)  # d(per-anchor loss)/d(sq distance), before the mean over anchors
-        const = torch.zeros(anchors.numel(), dtype=torch.float64, device=dev)  # Σ base·w over active pairs
-        n_pairs = torch.zeros(anchors.numel(), dtype=torch.long, device=dev)
+        n_anchor = anchors.numel()
+        act_r = torch.zeros_like(sq64)  # per anchor: active pairs in which the row is the closer one (r)
+        act_c = torch.zeros_like(sq64)  # ... and the farther one (c)
+        w_sum = torch.zeros(n_anchor, dtype=torch.float64, device=dev)  # Σ w over the active pairs
+        n_pairs = torch.zeros(n_anchor, dtype=torch.long, device=dev)
         n_active = 0
         kept: list[torch.Tensor] = []
         n_kept = 0
         per_item: list[torch.Tensor] = []
+        # Blocks of whole anchors; a single anchor whose n x n pairs exceed the budget is split by rows r. Both
+        # orders keep the blocks in lexicographic (anchor, r, c) order for the triplets and per_item.
         block = max(1, _BLOCK_ELEMENTS // max(1, n * n))
-        for start in range(0, anchors.numel(), block):
-            sl = slice(start, start + block)
-            pairs, w = _select_pairs(g_all[sl], valid_all[sl], p)
-            ell = sq64[sl][:, :, None] - sq64[sl][:, None, :] + w
-            active = pairs & (ell > 0)
-            count = pairs.sum((1, 2))
-            base = torch.where(count > 0, 1.0 / count.clamp_min(1).to(torch.float64), 0.0) \
-                if p["reduction"] == "mean" else (count > 0).to(torch.float64)
-            act = active.to(torch.float64)
-            # d ell_rc / d sq_r = +1 and d ell_rc / d sq_c = -1 on the active pairs.
-            coef[sl] = base[:, None] * (act.sum(2) - act.sum(1))
-            const[sl] = base * torch.where(active, w, 0.0).sum((1, 2))
-            n_pairs[sl] = count
-            n_active += int(active.sum())
-            if ctx.want_triplets and n_kept < ctx.max_triplets:
-                t = active.nonzero()  # lexicographic (anchor, r, c): blocks follow the anchor order
-                t[:, 0] = anchors[sl][t[:, 0]]
-                t = t[: ctx.max_triplets - n_kept]
-                kept.append(t)
-                n_kept += t.shape[0]
-            if ctx.want_per_item:
-                per_item.append(ell.clamp_min(0)[pairs])
+        rows = n if block > 1 else max(1, _BLOCK_ELEMENTS // max(1, n))
+        for a0 in range(0, n_anchor, block):
+            sl = slice(a0, a0 + block)
+            setup = _AnchorSetup(g_all[sl], valid_all[sl], p)
+            sq_a = sq64[sl]
+            for r0 in range(0, n, rows):
+                rs = slice(r0, r0 + rows)
+                pairs, w = setup.pairs(rs, p)
+                ell = sq_a[:, rs, None] - sq_a[:, None, :] + w
+                active = pairs & (ell > 0)
+                n_pairs[sl] += pairs.sum((1, 2))
+                act_r[sl, rs] += active.sum(2)
+                act_c[sl] += active.sum(1)
+                w_sum[sl] += torch.where(active, w, 0.0).sum((1, 2))
+                n_active += int(active.sum())
+                if ctx.want_triplets and n_kept < ctx.max_triplets:
+                    t = active.nonzero()[: ctx.max_triplets - n_kept]
+                    t[:, 0] = anchors[sl][t[:, 0]]
+                    t[:, 1] += r0
+                    kept.append(t)
+                    n_kept += t.shape[0]
+                if ctx.want_per_item:
+                    per_item.append(ell.clamp_min(0)[pairs])
 
+        base = torch.where(n_pairs > 0, 1.0 / n_pairs.clamp_min(1).to(torch.float64), 0.0) \
+            if p["reduction"] == "mean" else (n_pairs > 0).to(torch.float64)
+        # d ell_rc / d sq_r = +1 and d ell_rc / d sq_c = -1 on the active pairs.
+        coef = base[:, None] * (act_r - act_c)
+        const = base * w_sum
         n_anchors = int((n_pairs > 0).sum())
         scale = 1.0 / max(n_anchors, 1)
         sq = sq_dists_with_grad(x[anchors], x, exact=sq64)
@@ -153,45 +165,52 @@ class WeightedMarginRankingLoss(Loss):
         )
 
 
-def _select_pairs(g_raw: torch.Tensor, valid: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a block of anchors: the used pairs ``P[b, r, c]`` and their margins ``w[b, r, c]``.
+class _AnchorSetup:
+    """The per-anchor quantities of §A.2 for a block of anchors ([B, n]); ``pairs`` builds the pair masks and
+    margins for a slice of rows r against every c.
 
-    ``g_raw`` is [B, n] float64 (gt anchor -> candidate), ``valid`` excludes the anchor itself. Follows §A.2
-    line by line.
+    ``g_raw`` is [B, n] float64 (gt anchor -> candidate), ``valid`` excludes the anchor itself.
     """
-    inf = torch.tensor(math.inf, dtype=torch.float64, device=g_raw.device)
-    g = torch.where(valid, g_raw.clamp_min(p["min_dist"]), inf)
-    m = valid.sum(1)
-    far = valid & (g > p["max_dist"])
-    n_far = far.sum(1)
-    # Everything far: the closest sample (lowest index on ties; argmin returns the first) stays the reference.
-    all_far = (n_far == m) & (m > 0)
-    closest = g.argmin(1)
-    far[all_far, closest[all_far]] = False
 
-    lo = p["min_dist"]
-    if math.isfinite(p["max_dist"]):
-        hi = torch.full(m.shape, p["max_dist"], dtype=torch.float64, device=g.device)
-    else:
-        hi = torch.where(valid, g, -inf).amax(1)
-    span = hi - lo
-    gn = torch.where(span[:, None] > 0, ((g - lo) / span.clamp_min(1e-300)[:, None]).clamp(0.0, 1.0), 0.0)
-    gn = torch.where(valid, gn, 0.0)
+    def __init__(self, g_raw: torch.Tensor, valid: torch.Tensor, p: Mapping[str, Any]) -> None:
+        inf = torch.tensor(math.inf, dtype=torch.float64, device=g_raw.device)
+        g = torch.where(valid, g_raw.clamp_min(p["min_dist"]), inf)
+        m = valid.sum(1)
+        far = valid & (g > p["max_dist"])
+        n_far = far.sum(1)
+        # Everything far: the closest sample (lowest index on ties; argmin returns the first) stays the reference.
+        all_far = (n_far == m) & (m > 0)
+        closest = g.argmin(1)
+        far[all_far, closest[all_far]] = False
 
-    both_valid = valid[:, :, None] & valid[:, None, :]
-    if p["pair_order"] == "gt":
-        pairs = both_valid & (g[:, :, None] < g[:, None, :]) & ~(far[:, :, None] & far[:, None, :])
-    else:
-        # Literal Lua rule: all r < c in input order, minus the block of the last nneg = clamp(#far, 1, m-1)
-        # positions (the source's "don't care" triplets).
-        pos = valid.cumsum(1) - 1
-        n_neg = torch.minimum(n_far, m - 1).clamp_min(1)
-        tail = valid & (pos >= (m - n_neg)[:, None])
-        upper = torch.ones(g.shape[1], g.shape[1], dtype=torch.bool, device=g.device).triu(1)
-        pairs = both_valid & upper & ~(tail[:, :, None] & tail[:, None, :])
-    if p["weighted"]:
-        w = p["margin"] * (1.0 + gn[:, None, :] - gn[:, :, None])
-    else:
-        w = torch.full(pairs.shape, p["margin"], dtype=torch.float64, device=g.device)
-    return pairs, w
+        lo = p["min_dist"]
+        if math.isfinite(p["max_dist"]):
+            hi = torch.full(m.shape, p["max_dist"], dtype=torch.float64, device=g.device)
+        else:
+            hi = torch.where(valid, g, -inf).amax(1)
+        span = hi - lo
+        gn = torch.where(span[:, None] > 0, ((g - lo) / span.clamp_min(1e-300)[:, None]).clamp(0.0, 1.0), 0.0)
+        self.gn = torch.where(valid, gn, 0.0)
+        self.g, self.far, self.valid = g, far, valid
+        if p["pair_order"] == "index":
+            # Literal Lua rule: the source's "don't care" block is the last nneg = clamp(#far, 1, m-1) positions.
+            pos = valid.cumsum(1) - 1
+            n_neg = torch.minimum(n_far, m - 1).clamp_min(1)
+            self.tail = valid & (pos >= (m - n_neg)[:, None])
 
+    def pairs(self, rs: slice, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The used pairs ``P[b, r, c]`` and their margins ``w[b, r, c]`` for the rows ``rs``."""
+        valid, g = self.valid, self.g
+        both_valid = valid[:, rs, None] & valid[:, None, :]
+        if p["pair_order"] == "gt":
+            pairs = both_valid & (g[:, rs, None] < g[:, None, :]) & ~(self.far[:, rs, None] & self.far[:, None, :])
+        else:
+            n = g.shape[1]
+            r_idx = torch.arange(n, device=g.device)[rs]
+            upper = r_idx[:, None] < torch.arange(n, device=g.device)[None, :]  # r < c in input order
+            pairs = both_valid & upper & ~(self.tail[:, rs, None] & self.tail[:, None, :])
+        if p["weighted"]:
+            w = p["margin"] * (1.0 + self.gn[:, None, :] - self.gn[:, rs, None])
+        else:
+            w = torch.full(pairs.shape, p["margin"], dtype=torch.float64, device=g.device)
+        return pairs, w

@@ -1,0 +1,461 @@
+"""Mining and reduction machinery shared by the native triplet losses (LOSSES.md §0, B, C).
+
+Everything here works on *candidates*: anchors are the ``n`` batch rows; positives and negatives come from the
+batch rows followed by the cross-batch memory rows (candidate index ``j >= n`` is memory row ``j - n``).
+Memory rows never receive gradient.
+
+Memory stays O(block · m): distance rows are computed per block of anchors, and the O(n·K·m) triplet work runs
+on chunks of positive pairs (or on sorted rows, see ``all_triplets``). Gradients are computed here, never through
+an O(n³) autograd graph: the per-triplet evaluator runs autograd on bounded chunks of gathered rows, and the
+all-triplets reducer accumulates ``∂loss/∂D`` in a coefficient matrix that ``PairDistance.backward`` turns into
+row gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import invalid
+from .base import ComputeContext, LossOutput, Memory
+from .distances import PairDistance, work_dtype
+
+Tensor = torch.Tensor
+
+_INF = float("inf")
+
+
+# Elements of one [rows, m] working matrix per device type (several are alive at once), and of one chunk of
+# gathered rows in evaluate_triplets. Module constants so that tests can shrink them to exercise the blocking.
+BLOCK_ELEMS = {"cpu": 2**22, "cuda": 2**24}
+CHUNK_ELEMS = 2**22
+
+
+def _budget(device: torch.device) -> int:
+    return BLOCK_ELEMS.get(device.type, 2**22)
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+
+def check_labels(inputs: Mapping[str, Tensor], n: int, why: str = "") -> None:
+    """``inputs.labels`` must be present, 1-D, one per embedding row."""
+    labels = inputs.get("labels")
+    if labels is None:
+        raise invalid("inputs.labels", f"required{why}: one integer class label per embedding row")
+    if labels.dim() != 1:
+        raise invalid("inputs.labels", f"shape {list(labels.shape)}, expected [{n}] (one label per embedding row)")
+    if labels.shape[0] != n:
+        raise invalid("inputs.labels", f"length {labels.shape[0]}, expected {n} (one per embedding row)")
+
+
+def check_triplets(triplets: Tensor, n: int) -> None:
+    """``inputs.triplets`` must be ``[k, 3]`` row indices in ``[0, n)``."""
+    if triplets.dim() != 2 or triplets.shape[1] != 3:
+        raise invalid("inputs.triplets",
+                      f"shape {list(triplets.shape)}, expected [k, 3] (anchor, positive, negative row indices)")
+    if triplets.numel():
+        bad = (triplets < 0) | (triplets >= n)
+        if bool(bad.any()):
+            row, col = (int(v) for v in bad.nonzero()[0])
+            raise invalid("inputs.triplets",
+                          f"index {int(triplets[row, col])} at [{row}, {col}] is outside [0, {n}) (embedding rows)")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Anchors ``x`` (the batch) and candidates ``r = cat(x, memory)`` with labels, detached, in the work dtype."""
+
+    x: Tensor  # [n, d]
+    r: Tensor  # [m, d]
+    y: Tensor  # [n]
+    yr: Tensor  # [m]
+    npos: Tensor  # [n] candidates with the anchor's label, the anchor itself excluded
+    nneg: Tensor  # [n] candidates with another label
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.r.shape[0]
+
+
+def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | None) -> Candidates:
+    x = embeddings.detach()
+    x = x.to(work_dtype(x.dtype))
+    n = x.shape[0]
+    y = labels.to(device=x.device, dtype=torch.int64) if labels is not None else torch.zeros(
+        n, dtype=torch.int64, device=x.device)
+    if memory is not None and memory.embeddings.shape[0] > 0:
+        r = torch.cat([x, memory.embeddings.detach().to(device=x.device, dtype=x.dtype)])
+        yr = torch.cat([y, memory.labels.to(device=x.device, dtype=torch.int64)])
+    else:
+        r, yr = x, y
+    uniq, counts = torch.unique(yr, return_counts=True)
+    same = counts[torch.searchsorted(uniq, y)]  # every anchor label occurs among the candidates
+    return Candidates(x, r, y, yr, same - 1, r.shape[0] - same)
+
+
+def row_blocks(n: int, m: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    rows = max(1, _budget(device) // max(m, 1))
+    for s in range(0, n, rows):
+        yield s, min(n, s + rows)
+
+
+def block_masks(c: Candidates, s: int, e: int) -> tuple[Tensor, Tensor]:
+    """``same [B, m]`` (same label) and ``pos [B, m]`` (same label, not the anchor itself) for anchors ``s:e``."""
+    same = c.y[s:e, None] == c.yr[None, :]
+    pos = same.clone()
+    rows = torch.arange(e - s, device=same.device)
+    pos[rows, rows + s] = False
+    return same, pos
+
+
+def _pad_by_row(rows: Tensor, n_rows: int, values: Tensor, fill: float) -> tuple[Tensor, Tensor]:
+    """Scatter ``values`` (grouped by ascending ``rows``) into a ``[n_rows, kmax]`` table; returns (table, rank)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    table = torch.full((n_rows, int(counts.max())), fill, dtype=values.dtype, device=values.device)
+    table[rows, rank] = values
+    return table, rank
+
+
+# ---- mined-triplet lists ------------------------------------------------------------------------------------------
+
+def finalize_triplets(t: Tensor, limit: int) -> tuple[Tensor, int]:
+    """Sort ``[k, 3]`` triplets lexicographically, drop duplicates, keep the first ``limit``; returns (kept, total)."""
+    t = t.reshape(-1, 3).to(torch.int64)
+    if t.shape[0] == 0:
+        return t, 0
+    u = torch.unique(t, dim=0)  # sorted lexicographically
+    return u[:max(limit, 0)], int(u.shape[0])
+
+
+class TripletSink:
+    """Collects triplets that arrive already sorted and de-duplicated, keeping the first ``limit``."""
+
+    def __init__(self, limit: int, enabled: bool) -> None:
+        self.limit = max(int(limit), 0) if enabled else 0
+        self.parts: list[Tensor] = []
+        self.kept = 0
+        self.total = 0
+
+    @property
+    def room(self) -> int:
+        return self.limit - self.kept
+
+    def add(self, t: Tensor, count: int | None = None) -> None:
+        """``t`` are the next triplets in order; ``count`` is how many there are (``len(t)`` when omitted)."""
+        self.total += t.shape[0] if count is None else count
+        if self.room > 0 and t.shape[0]:
+            t = t[:self.room]
+            self.parts.append(t)
+            self.kept += t.shape[0]
+
+    def result(self, device: torch.device) -> Tensor:
+        if not self.parts:
+            return torch.zeros(0, 3, dtype=torch.int64, device=device)
+        return torch.cat(self.parts)
+
+
+# ---- miners that select a few triplets ---------------------------------------------------------------------------
+
+def mine_batch_hard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Tensor]:
+    """B.2: for each anchor with a positive and a negative, the farthest positive and the closest negative.
+
+    Ties go to the lowest index (torch's argmax/argmin return the first extremum). Returns ``(a, p*, n*)``.
+    """
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    for s, e in row_blocks(c.n, c.m, c.x.device):
+        valid = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
+        if not bool(valid.any()):
+            continue
+        d, _ = dist.matrix(c.x[s:e], c.r)
+        same, pos = block_masks(c, s, e)
+        p_star = d.masked_fill(~pos, -_INF).argmax(1)
+        n_star = d.masked_fill(same, _INF).argmin(1)
+        rows = valid.nonzero(as_tuple=True)[0]
+        out.append((rows + s, p_star[rows], n_star[rows]))
+    return _cat3(out, c.x.device)
+
+
+def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Tensor]:
+    """C.2 semi-hard (TF-Addons): for every positive pair (a, p) whose anchor has a negative, the closest negative
+    with ``d(a,n) > d(a,p)``, else the farthest negative; ties to the lowest index. Returns ``(a, p, n*)`` in
+    lexicographic (a, p) order.
+
+    Each anchor's negative distances are sorted once (stable, so equal distances keep index order); every
+    positive pair then finds its negative with a binary search instead of scanning all m candidates.
+    """
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    for s, e in row_blocks(c.n, c.m, c.x.device):
+        has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
+        if not bool(has.any()):
+            continue
+        d, _ = dist.matrix(c.x[s:e], c.r)
+        same, pos = block_masks(c, s, e)
+        pos &= has[:, None]
+        a_loc, p = pos.nonzero(as_tuple=True)
+        del pos
+        vals, order = torch.sort(d.masked_fill(same, _INF), dim=1, stable=True)
+        del same
+        d_ap = d[a_loc, p]
+        table, rank = _pad_by_row(a_loc, e - s, d_ap, 0.0)
+        first_greater = torch.searchsorted(vals, table, right=True)[a_loc, rank]
+        nneg = c.nneg[s:e]
+        farthest = vals.gather(1, (nneg - 1).clamp_min(0)[:, None])
+        first_farthest = torch.searchsorted(vals, farthest, right=False)[:, 0]
+        where = torch.where(first_greater < nneg[a_loc], first_greater, first_farthest[a_loc])
+        out.append((a_loc + s, p, order[a_loc, where]))
+    return _cat3(out, c.x.device)
+
+
+def _cat3(parts: list[tuple[Tensor, Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty, empty
+    return tuple(torch.cat([q[i] for q in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+@dataclass
+class TripletEval:
+    loss_sum: float  # Σ ℓ_t (float64 accumulation)
+    grad: Tensor  # [n, d] ∂(Σ ℓ_t)/∂x
+    values: Tensor  # [k] ℓ_t
+    d_ap: Tensor  # [k]
+    d_an: Tensor  # [k] (after swap)
+
+
+def evaluate_triplets(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, neg: Tensor, *, margin: float,
+                      soft: bool = False, swap: bool = False) -> TripletEval:
+    """Per-triplet losses ``[margin + d(a,p) - d(a,n)]_+`` (or ``softplus(d(a,p) - d(a,n))``) and the gradient of
+    their sum, exactly through ``dist.pairs`` on the gathered rows, in bounded chunks.
+
+    ``swap`` replaces ``d(a,n)`` by ``d(p,n)`` when strictly smaller (a tie keeps ``d(a,n)``, LOSSES.md C.3).
+    A hinge at exactly 0 has zero gradient (relu).
+    """
+    r = c.r
+    k = a.numel()
+    d = r.shape[1]
+    grad = torch.zeros_like(r)
+    values = torch.empty(k, dtype=r.dtype, device=r.device)
+    d_ap = torch.empty_like(values)
+    d_an = torch.empty_like(values)
+    total = torch.zeros((), dtype=torch.float64, device=r.device)
+    step = max(1, CHUNK_ELEMS // max(d, 1))
+    with torch.enable_grad():
+        for s in range(0, k, step):
+            e = min(k, s + step)
+            ia, ip, ineg = a[s:e], p[s:e], neg[s:e]
+            ua = r[ia].requires_grad_(True)
+            up = r[ip].requires_grad_(True)
+            un = r[ineg].requires_grad_(True)
+            dap = dist.pairs(ua, up)
+            dan = dist.pairs(ua, un)
+            if swap:
+                dpn = dist.pairs(up, un)
+                dan = torch.where(dpn < dan, dpn, dan)
+            if soft:
+                ell = torch.logaddexp(dap - dan, torch.zeros_like(dap))  # softplus, gradient sigmoid (also at 0)
+            else:
+                ell = torch.relu((margin + dap) - dan)
+            ga, gp, gn = torch.autograd.grad(ell.sum(), (ua, up, un))
+            grad.index_add_(0, ia, ga)
+            grad.index_add_(0, ip, gp)
+            grad.index_add_(0, ineg, gn)
+            values[s:e] = ell.detach()
+            d_ap[s:e] = dap.detach()
+            d_an[s:e] = dan.detach()
+            total += ell.detach().sum(dtype=torch.float64)
+    return TripletEval(float(total), grad[:c.n], values, d_ap, d_an)
+
+
+# ---- all valid triplets -------------------------------------------------------------------------------------------
+
+@dataclass
+class AllTriplets:
+    loss_sum: float
+    selected: int
+    active: int
+    valid_anchors: int
+    grad: Tensor  # [n, d] ∂(Σ ℓ)/∂x
+    per_anchor: Tensor | None  # [n] Σ_{p,n} ℓ per anchor
+    values: Tensor | None  # per-triplet ℓ in lexicographic (a, p, n) order
+    sum_d_ap: float
+    sum_d_an: float
+
+
+def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin: float, soft: bool = False,
+                 swap: bool = False, want_values: bool = False, want_per_anchor: bool = False) -> AllTriplets:
+    """Every valid triplet ``(a, p, n)``: ``p != a`` with the anchor's label, ``n`` with another label (B.3, C.2 "all").
+
+    Returns the sum of ``ℓ = [margin + D_ap - D_an]_+`` (``softplus(D_ap - D_an)`` if soft; ``D_an`` swapped with
+    ``D_pn`` if smaller), the number of selected and active triplets, and the gradient of the sum. Active
+    triplets go to ``sink`` in lexicographic order.
+
+    The gradient goes through ``∂Σℓ/∂D``: a ``[B, m]`` coefficient matrix per anchor block (count of active
+    negatives on ``D(a,p)``, minus count of active positives on ``D(a,n)``), turned into row gradients by
+    ``dist.backward``. For the plain hinge the counts come from each anchor's sorted negative distances and
+    binary searches (O(m log m) per anchor instead of O(K·m)); the soft, swap and per-triplet variants evaluate
+    ``[pairs_chunk, m]`` hinge matrices.
+    """
+    n, m = c.n, c.m
+    dev, dt = c.x.device, c.x.dtype
+    grad = torch.zeros_like(c.r)
+    per_anchor = torch.zeros(n, dtype=torch.float64, device=dev) if want_per_anchor else None
+    values: list[Tensor] = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    active = torch.zeros((), dtype=torch.int64, device=dev)
+    sum_dap = torch.zeros((), dtype=torch.float64, device=dev)
+    sum_dan = torch.zeros((), dtype=torch.float64, device=dev)
+    sorted_path = not (soft or swap or want_values)
+    for s, e in row_blocks(n, m, dev):
+        has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
+        if not bool(has.any()):
+            continue
+        d, aux = dist.matrix(c.x[s:e], c.r)
+        same, pos = block_masks(c, s, e)
+        pos &= has[:, None]
+        a_loc, p = pos.nonzero(as_tuple=True)
+        del pos
+        d_neg = d.masked_fill(same, _INF)
+        del same
+        coef = torch.zeros_like(d)
+        npos_b = c.npos[s:e].to(torch.float64)
+        nneg_b = c.nneg[s:e]
+        d_ap = d[a_loc, p]
+        sum_dap += (d_ap.to(torch.float64) * nneg_b[a_loc]).sum()
+        if sorted_path:
+            vals, order = torch.sort(d_neg, dim=1)
+            prefix = torch.nn.functional.pad(vals.to(torch.float64).cumsum(1), (1, 0))  # prefix[a, k] = Σ_{<k}
+            sum_dan += (prefix.gather(1, nneg_b[:, None])[:, 0] * npos_b).sum()
+            thr = d_ap + margin
+            table, rank = _pad_by_row(a_loc, e - s, thr, -_INF)
+            # active (a,p,n) <=> D_an < margin + D_ap: count per pair, and per negative the positives above it
+            cnt = torch.searchsorted(vals, table)[a_loc, rank]
+            pair_loss = cnt * thr.to(torch.float64) - prefix[a_loc, cnt]
+            del prefix
+            loss_sum += pair_loss.sum()
+            if per_anchor is not None:
+                per_anchor.index_add_(0, a_loc + s, pair_loss)
+            active += cnt.sum()
+            coef[a_loc, p] = cnt.to(dt)
+            thr_sorted = table.sort(dim=1).values
+            above = thr_sorted.shape[1] - torch.searchsorted(thr_sorted, vals, right=True)
+            coef.scatter_add_(1, order, above.to(dt).neg_())
+            del vals, order, above
+            if sink.room > 0:
+                _list_sorted(sink, d_neg, a_loc, p, thr, cnt, s)
+            else:
+                sink.total += int(cnt.sum())
+        else:
+            sum_dan += (d.masked_fill(d_neg == _INF, 0).sum(1, dtype=torch.float64) * npos_b).sum()
+            if swap:
+                p_uniq, p_inv = torch.unique(p, return_inverse=True)
+                d_p, aux_p = dist.matrix(c.r[p_uniq], c.r)
+                d_pneg = d_p.masked_fill(c.yr[p_uniq][:, None] == c.yr[None, :], _INF)  # y_p = y_a
+                coef_p = torch.zeros_like(d_p)
+            step = max(1, _budget(dev) // max(m, 1))
+            for q in range(0, a_loc.numel(), step):
+                ac, pc = a_loc[q:q + step], p[q:q + step]
+                dan = d_neg[ac]
+                if swap:
+                    dpn = d_pneg[p_inv[q:q + step]]
+                    use_pn = dpn < dan
+                    dan = torch.where(use_pn, dpn, dan)
+                if soft:
+                    arg = d_ap[q:q + step, None] - dan
+                    ell = torch.logaddexp(arg, torch.zeros((), dtype=dt, device=dev))
+                    g = torch.sigmoid(arg)
+                    act = arg > -_INF  # every selected triplet is active with the soft margin
+                else:
+                    arg = (margin + d_ap[q:q + step])[:, None] - dan
+                    ell = torch.relu(arg)
+                    act = arg > 0
+                    g = act.to(dt)
+                loss_sum += ell.sum(dtype=torch.float64)
+                if per_anchor is not None:
+                    per_anchor.index_add_(0, ac + s, ell.sum(1, dtype=torch.float64))
+                if want_values:
+                    values.append(ell[arg > -_INF])
+                coef.index_put_((ac, pc), g.sum(1), accumulate=True)
+                if swap:
+                    coef.index_add_(0, ac, g * ~use_pn, alpha=-1)
+                    coef_p.index_add_(0, p_inv[q:q + step], g * use_pn, alpha=-1)
+                else:
+                    coef.index_add_(0, ac, g, alpha=-1)
+                count = int(act.sum())
+                active += count
+                if sink.room > 0:
+                    rows, cols = act.nonzero(as_tuple=True)
+                    sink.add(torch.stack([ac[rows] + s, pc[rows], cols], 1), count)
+                else:
+                    sink.total += count
+                del dan, arg, ell, g, act
+            if swap:
+                gp, gr = dist.backward(c.r[p_uniq], c.r, coef_p, d_p, aux_p)
+                grad.index_add_(0, p_uniq, gp)
+                grad += gr
+                del d_p, d_pneg, coef_p
+        del d_neg
+        gx, gr = dist.backward(c.x[s:e], c.r, coef, d, aux)
+        grad[s:e] += gx
+        grad += gr
+    valid = (c.npos > 0) & (c.nneg > 0)
+    selected = int((c.npos * c.nneg)[valid].sum()) if n else 0
+    return AllTriplets(
+        loss_sum=float(loss_sum), selected=selected, active=int(active), valid_anchors=int(valid.sum()),
+        grad=grad[:n], per_anchor=per_anchor,
+        values=(torch.cat(values) if values else torch.zeros(0, dtype=dt, device=dev)) if want_values else None,
+        sum_d_ap=float(sum_dap), sum_d_an=float(sum_dan))
+
+
+def _list_sorted(sink: TripletSink, d_neg: Tensor, a_loc: Tensor, p: Tensor, thr: Tensor, cnt: Tensor,
+                 s: int) -> None:
+    """List the active triplets of the leading pairs until the sink is full; count the rest."""
+    cum = torch.cumsum(cnt, 0)
+    upto = min(int(torch.searchsorted(cum, torch.tensor(sink.room, device=cum.device))) + 1, a_loc.numel())
+    step = max(1, _budget(d_neg.device) // max(d_neg.shape[1], 1))
+    listed = 0
+    for q in range(0, upto, step):
+        ac, pc = a_loc[q:min(q + step, upto)], p[q:min(q + step, upto)]
+        rows, cols = (d_neg[ac] < thr[q:q + ac.numel(), None]).nonzero(as_tuple=True)
+        sink.add(torch.stack([ac[rows] + s, pc[rows], cols], 1))
+        listed += rows.numel()
+    sink.total += int(cum[-1]) - listed if cum.numel() else 0
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------
+
+def make_output(embeddings: Tensor, loss: float, grad: Tensor, ctx: ComputeContext, triplets: Tensor | None,
+                total: int, per_item: Tensor | None, stats: dict[str, float]) -> LossOutput:
+    """A ``LossOutput`` with explicitly computed gradients, in the embeddings' dtype (``per_item`` as given)."""
+    return LossOutput(
+        loss=torch.tensor(loss, dtype=embeddings.dtype, device=embeddings.device),
+        gradients={"embeddings": grad.to(embeddings.dtype)},
+        triplets=triplets if ctx.want_triplets else None,
+        triplets_total=int(total),
+        per_item=per_item.to(embeddings.dtype) if per_item is not None else None,
+        stats=stats)
+
+
+def empty_output(embeddings: Tensor, ctx: ComputeContext, stats: dict[str, float] | None = None,
+                 per_item: bool = False) -> LossOutput:
+    """LOSSES.md §0.2: nothing selected -> loss 0, gradient 0, no triplets (never NaN)."""
+    zeros = torch.zeros(0, dtype=embeddings.dtype, device=embeddings.device)
+    base = {"valid_anchors": 0.0, "selected_triplets": 0.0, "active_triplets": 0.0, "mean_d_ap": 0.0,
+            "mean_d_an": 0.0}
+    return make_output(embeddings, 0.0, torch.zeros_like(embeddings.detach()), ctx,
+                       torch.zeros(0, 3, dtype=torch.int64, device=embeddings.device), 0,
+                       zeros if per_item or ctx.want_per_item else None, base | (stats or {}))
+
+
+__all__ = [
+    "AllTriplets", "Candidates", "TripletEval", "TripletSink", "all_triplets", "block_masks", "check_labels",
+    "check_triplets", "empty_output", "evaluate_triplets", "finalize_triplets", "make_candidates", "make_output",
+    "mine_batch_hard", "mine_semihard", "row_blocks",
+]

@@ -1,0 +1,58 @@
+"""Batch-all triplet loss (Hermans, Beyer & Leibe 2017; LOSSES.md B.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..params import Param, Schema
+from ._mining import TripletSink, all_triplets, check_labels, empty_output, make_candidates, make_output
+from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
+from .distances import ClampedEuclidean
+
+
+@register
+class BatchAllTriplet(Loss):
+    """Every valid triplet ``(a, p, n)`` (``p != a`` same label, ``n`` other label) with
+    ``ℓ = [D_ap - D_an + margin]_+`` (or ``softplus(D_ap - D_an)``), ``D = sqrt(max(||x_i - x_j||², 1e-12))``.
+
+    ``reduction``: "mean" over all valid triplets, "mean_nonzero" over the active ones (every one when soft),
+    or "sum". The O(n³) triplets are never materialised: memory is O(block · m).
+
+    ``per_item``: for each of the ``n`` batch rows, the sum of ``ℓ`` over the triplets it anchors (0 for rows that
+    anchor none). ``triplets``: the active triplets, lexicographic, capped at ``max_triplets``.
+    """
+
+    name = "batch_all_triplet"
+    description = ("Batch-all triplet loss (Hermans et al. 2017): every valid (anchor, positive, negative) of the "
+                   "batch, clamped euclidean distance; mean, mean over active, or sum.")
+    inputs = (EMBEDDINGS, LABELS)
+    schema = Schema((
+        Param("margin", "float", 0.3, "hinge margin (ignored when soft)", minimum=0.0),
+        Param("soft", "bool", False, "softplus(D_ap - D_an) instead of the hinge"),
+        Param("reduction", "enum", "mean", "mean over all valid triplets, over the active ones, or sum",
+              choices=("mean", "mean_nonzero", "sum")),
+    ))
+    mines_triplets = True
+
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        check_labels(inputs, inputs["embeddings"].shape[0])
+
+    def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
+        emb = inputs["embeddings"]
+        c = make_candidates(emb, inputs["labels"], ctx.memory)
+        soft = bool(self.params["soft"])
+        sink = TripletSink(ctx.max_triplets, ctx.want_triplets)
+        res = all_triplets(ClampedEuclidean(), c, sink, margin=float(self.params["margin"]), soft=soft,
+                           want_per_anchor=ctx.want_per_item)
+        if res.selected == 0:
+            return empty_output(emb, ctx)
+        reduction = self.params["reduction"]
+        denom = {"mean": res.selected, "mean_nonzero": res.active, "sum": 1}[reduction]
+        scale = 1.0 / denom if denom else 0.0  # mean_nonzero with nothing active: 0, not 0/0
+        stats = {"valid_anchors": float(res.valid_anchors), "selected_triplets": float(res.selected),
+                 "active_triplets": float(res.active), "mean_d_ap": res.sum_d_ap / res.selected,
+                 "mean_d_an": res.sum_d_an / res.selected}
+        return make_output(emb, res.loss_sum * scale, res.grad * scale, ctx, sink.result(emb.device), sink.total,
+                           res.per_anchor, stats)

@@ -1,0 +1,55 @@
+"""Batch-hard triplet loss (Hermans, Beyer & Leibe 2017; LOSSES.md B.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..params import Param, Schema
+from ._mining import (check_labels, empty_output, evaluate_triplets, make_candidates, make_output,
+                      mine_batch_hard)
+from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
+from .distances import ClampedEuclidean
+
+
+@register
+class BatchHardTriplet(Loss):
+    """For every valid anchor (it has a positive other than itself and a negative) the farthest positive and the
+    closest negative under ``D = sqrt(max(||x_i - x_j||², 1e-12))``; ``ℓ_a = [D_ap* - D_an* + margin]_+`` (or
+    ``softplus(D_ap* - D_an*)`` with ``soft``); loss = mean over valid anchors (0 when there are none).
+
+    ``per_item``: ``ℓ_a`` for each valid anchor, in anchor order. ``triplets``: ``(a, p*, n*)`` with ``ℓ_a > 0``
+    (every valid anchor when soft). With cross-batch memory, ``p*``/``n*`` are candidate indices (``>= n`` is a
+    memory row).
+    """
+
+    name = "batch_hard_triplet"
+    description = ("Batch-hard triplet loss (Hermans et al. 2017): per anchor the hardest positive and hardest "
+                   "negative, clamped euclidean distance, mean over valid anchors.")
+    inputs = (EMBEDDINGS, LABELS)
+    schema = Schema((
+        Param("margin", "float", 0.3, "hinge margin (ignored when soft)", minimum=0.0),
+        Param("soft", "bool", False, "softplus(D_ap - D_an) instead of the hinge"),
+    ))
+    mines_triplets = True
+
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        check_labels(inputs, inputs["embeddings"].shape[0])
+
+    def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
+        emb = inputs["embeddings"]
+        c = make_candidates(emb, inputs["labels"], ctx.memory)
+        dist = ClampedEuclidean()
+        a, p, neg = mine_batch_hard(dist, c)
+        if a.numel() == 0:
+            return empty_output(emb, ctx)
+        soft = bool(self.params["soft"])
+        ev = evaluate_triplets(dist, c, a, p, neg, margin=float(self.params["margin"]), soft=soft)
+        k = a.numel()
+        active = torch.ones_like(ev.values, dtype=torch.bool) if soft else ev.values > 0
+        triplets = torch.stack([a, p, neg], 1)[active]  # anchors ascending, one each: sorted and unique
+        stats = {"valid_anchors": float(k), "selected_triplets": float(k), "active_triplets": float(active.sum()),
+                 "mean_d_ap": float(ev.d_ap.mean()), "mean_d_an": float(ev.d_an.mean())}
+        return make_output(emb, ev.loss_sum / k, ev.grad / k, ctx, triplets[:max(ctx.max_triplets, 0)],
+                           triplets.shape[0], ev.values if ctx.want_per_item else None, stats)

@@ -1,0 +1,385 @@
+"""The served ``pml.*`` losses against direct pytorch-metric-learning calls, the allow-list, session state of
+the learnable losses, and the missing-extra path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+
+from embtrain_server.errors import FailedPrecondition, InvalidArgument
+from embtrain_server.losses import get, load_all, names
+from embtrain_server.losses.base import ComputeContext, LossOutput, Memory
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")  # the extra is part of the dev install
+from pytorch_metric_learning import distances as pml_distances  # noqa: E402
+from pytorch_metric_learning import miners as pml_miners  # noqa: E402
+from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
+
+load_all()
+
+T = torch.float64
+CTX = ComputeContext(device=torch.device("cpu"), max_triplets=1000)
+N_CLASSES, PER_CLASS, DIM = 4, 3, 6
+SEED = 1234
+
+# The allow-list as this test expects it (written out, not read from the code under test), with the wire
+# parameters each is tested with. Every PML argument not named here keeps its default on both sides.
+CLASSIFIER = {"num_classes": N_CLASSES}
+ALLOWED: dict[str, dict[str, Any]] = {
+    "AngularLoss": {}, "ArcFaceLoss": CLASSIFIER, "CircleLoss": {}, "ContrastiveLoss": {},
+    "CosFaceLoss": CLASSIFIER, "DynamicSoftMarginLoss": {}, "FastAPLoss": {}, "GeneralizedLiftedStructureLoss": {},
+    "HistogramLoss": {"n_bins": 20}, "InstanceLoss": {}, "IntraPairVarianceLoss": {},
+    "LargeMarginSoftmaxLoss": CLASSIFIER, "LiftedStructureLoss": {}, "MarginLoss": {}, "MultiSimilarityLoss": {},
+    "NCALoss": {}, "NPairsLoss": {}, "NTXentLoss": {"temperature": 0.5}, "NormalizedSoftmaxLoss": CLASSIFIER,
+    "P2SGradLoss": CLASSIFIER, "PNPLoss": {"variant": "Ds"}, "ProxyAnchorLoss": CLASSIFIER,
+    "ProxyNCALoss": CLASSIFIER, "RankedListLoss": {"margin": 0.4, "Tn": 1.0},
+    "SignalToNoiseRatioContrastiveLoss": {}, "SmoothAPLoss": {"temperature": 0.1},
+    "SoftTripleLoss": CLASSIFIER | {"centers_per_class": 2}, "SphereFaceLoss": CLASSIFIER,
+    "SubCenterArcFaceLoss": CLASSIFIER, "SupConLoss": {}, "ThresholdConsistentMarginLoss": {},
+    "TripletMarginLoss": {"margin": 0.2}, "TupletMarginLoss": {},
+}
+LEARNABLE = {"ArcFaceLoss", "CosFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss", "P2SGradLoss",
+             "ProxyAnchorLoss", "ProxyNCALoss", "SoftTripleLoss", "SphereFaceLoss", "SubCenterArcFaceLoss"}
+# PML's name for the embedding width where the served loss fills it in.
+WIDTH_ARG = {n: "embedding_size" for n in LEARNABLE} | {"P2SGradLoss": "descriptors_dim"}
+
+
+def _batch(seed: int = 0, n_classes: int = N_CLASSES, per_class: int = PER_CLASS, dim: int = DIM
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n_classes * per_class, dim, generator=g, dtype=T)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    return emb, labels
+
+
+def _served(name: str, params: dict[str, Any], emb: torch.Tensor, labels: torch.Tensor, seed: int | None = None,
+            ctx: ComputeContext = CTX) -> tuple[Any, LossOutput, torch.Tensor]:
+    loss = get(f"pml.{name}")(params)
+    loss.check_inputs({"embeddings": emb, "labels": labels})
+    if seed is not None:
+        loss.init_state(emb.shape[1], torch.device("cpu"), torch.Generator().manual_seed(seed), {})
+    x = emb.detach().clone().requires_grad_(True)
+    out = loss.forward({"embeddings": x, "labels": labels}, ctx)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    return loss, out, grad
+
+
+def _reference(name: str, kwargs: dict[str, Any], emb: torch.Tensor, labels: torch.Tensor, seed: int,
+               miner: Any = None) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    kwargs = dict(kwargs)
+    if name in WIDTH_ARG:
+        kwargs[WIDTH_ARG[name]] = emb.shape[1]
+    torch.manual_seed(seed)
+    module = getattr(pml_losses, name)(**kwargs)
+    x = emb.detach().clone().requires_grad_(True)
+    indices = miner(x, labels) if miner is not None else None
+    value = module(x, labels, indices)
+    (grad,) = torch.autograd.grad(value, x)
+    return module, value, grad
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.to(T), b.to(a.device, T), rtol=1e-10, atol=1e-12)
+
+
+# ---- the allow-list ---------------------------------------------------------------------------------------
+
+def test_allow_list_is_exactly_served() -> None:
+    assert {n for n in names() if n.startswith("pml.")} == {f"pml.{n}" for n in ALLOWED}
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED))
+def test_declared_inputs_and_state(name: str) -> None:
+    cls = get(f"pml.{name}")
+    assert [s.name for s in cls.inputs] == ["embeddings", "labels"]
+    assert cls.family == "pml"
+    assert cls.stateful == (name in LEARNABLE | {"MarginLoss", "DynamicSoftMarginLoss"})
+
+
+@pytest.mark.parametrize("wire", ["pml.BaseMetricLossFunction", "pml.CrossBatchMemory", "pml.MultipleLosses",
+                                  "pml.SelfSupervisedLoss", "pml.GenericPairLoss", "pml.VICRegLoss",
+                                  "pml.ManifoldLoss", "pml.__class__", "pml.losses", "pml.", "pml.BatchHardMiner"])
+def test_names_outside_the_allow_list_are_unknown(wire: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        get(wire)
+    assert "unknown loss" in err.value.message
+
+
+# ---- correctness against direct PML calls -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ALLOWED))
+def test_matches_direct_pml_call(name: str) -> None:
+    emb, labels = _batch(seed=3)
+    params = ALLOWED[name]
+    seed = SEED if name in LEARNABLE else None
+    _, out, grad = _served(name, params, emb, labels, seed=seed)
+    _, ref, ref_grad = _reference(name, params, emb, labels, seed=SEED)
+    assert out.loss.dim() == 0 and out.loss.dtype == T
+    assert grad.abs().sum() > 0
+    _close(out.loss, ref)
+    _close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNABLE))
+def test_stateless_learnable_uses_documented_seed(name: str) -> None:
+    """Without a session the weights are drawn fresh from seed 0 (documented: evaluation only)."""
+    emb, labels = _batch(seed=4)
+    _, out, grad = _served(name, ALLOWED[name], emb, labels)
+    _, ref, ref_grad = _reference(name, ALLOWED[name], emb, labels, seed=0)
+    _close(out.loss, ref)
+    _close(grad, ref_grad)
+
+
+CONFIGURED = [
+    # (loss, wire params, PML kwargs built here, miner wire name, miner params, PML miner)
+    ("TripletMarginLoss", {"margin": 0.3, "distance": "CosineSimilarity", "reducer": "AvgNonZeroReducer"},
+     lambda: {"margin": 0.3, "distance": pml_distances.CosineSimilarity(),
+              "reducer": pml_reducers.AvgNonZeroReducer()},
+     "pml.TripletMarginMiner", {"margin": 0.3, "type_of_triplets": "semihard"},
+     lambda: pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard")),
+    ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 2.0, "distance": "LpDistance",
+                         "distance_params": {"normalize_embeddings": False, "p": 1.0},
+                         "reducer": "ThresholdReducer", "reducer_params": {"low": 0.05}},
+     lambda: {"pos_margin": 0.1, "neg_margin": 2.0,
+              "distance": pml_distances.LpDistance(normalize_embeddings=False, p=1.0),
+              "reducer": pml_reducers.ThresholdReducer(low=0.05)},
+     "pml.PairMarginMiner", {"pos_margin": 0.5, "neg_margin": 1.5, "distance": "LpDistance",
+                             "distance_params": {"normalize_embeddings": False}},
+     lambda: pml_miners.PairMarginMiner(pos_margin=0.5, neg_margin=1.5,
+                                        distance=pml_distances.LpDistance(normalize_embeddings=False))),
+    ("MultiSimilarityLoss", {}, lambda: {}, "pml.MultiSimilarityMiner", {"epsilon": 0.2},
+     lambda: pml_miners.MultiSimilarityMiner(epsilon=0.2)),
+    ("ArcFaceLoss", CLASSIFIER | {"margin": 20.0, "scale": 16.0}, lambda: CLASSIFIER | {"margin": 20.0, "scale": 16.0},
+     "pml.BatchHardMiner", {}, lambda: pml_miners.BatchHardMiner()),
+    ("CircleLoss", {"reducer": "SumReducer"}, lambda: {"reducer": pml_reducers.SumReducer()},
+     "pml.BatchEasyHardMiner", {"pos_strategy": "hard", "neg_strategy": "hard"},
+     lambda: pml_miners.BatchEasyHardMiner(pos_strategy="hard", neg_strategy="hard")),
+    ("MarginLoss", {"learn_beta": True, "num_classes": N_CLASSES, "nu": 0.1},
+     lambda: {"learn_beta": True, "num_classes": N_CLASSES, "nu": 0.1},
+     "pml.AngularMiner", {"angle": 30.0}, lambda: pml_miners.AngularMiner(angle=30.0)),
+    ("TripletMarginLoss", {"swap": True, "smooth_loss": True, "triplets_per_anchor": None}, lambda: {
+        "swap": True, "smooth_loss": True}, "pml.DistanceWeightedMiner", {"cutoff": 0.5},
+     lambda: pml_miners.DistanceWeightedMiner(cutoff=0.5)),
+    ("NTXentLoss", {"temperature": 0.2}, lambda: {"temperature": 0.2}, "pml.UniformHistogramMiner",
+     {"num_bins": 10, "pos_per_bin": 2, "neg_per_bin": 4},
+     lambda: pml_miners.UniformHistogramMiner(num_bins=10, pos_per_bin=2, neg_per_bin=4)),
+    ("LiftedStructureLoss", {}, lambda: {}, "pml.HDCMiner", {"filter_percentage": 0.6},
+     lambda: pml_miners.HDCMiner(filter_percentage=0.6)),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "kwargs", "miner", "miner_params", "ref_miner"), CONFIGURED,
+                         ids=[f"{c[0]}+{c[3]}" for c in CONFIGURED])
+def test_distance_reducer_and_miner_match_pml(name: str, params: dict[str, Any], kwargs: Any, miner: str,
+                                              miner_params: dict[str, Any], ref_miner: Any) -> None:
+    emb, labels = _batch(seed=8, per_class=4)
+    wire = params | {"miner": miner, "miner_params": miner_params}
+    learnable = name in LEARNABLE | {"MarginLoss"}
+    # Random miners (DistanceWeighted, UniformHistogram) draw from the global generator: same state both sides.
+    torch.manual_seed(77)
+    _, out, grad = _served(name, wire, emb, labels, seed=SEED if learnable else None)
+
+    ref_kwargs = dict(kwargs())
+    if name in WIDTH_ARG:
+        ref_kwargs[WIDTH_ARG[name]] = emb.shape[1]
+    torch.manual_seed(SEED)  # the weights, as init_state draws them
+    module = getattr(pml_losses, name)(**ref_kwargs)
+    torch.manual_seed(77)
+    x = emb.detach().clone().requires_grad_(True)
+    mined = ref_miner()(x, labels)
+    ref = module(x, labels, mined)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+
+    _close(out.loss, ref)
+    _close(grad, ref_grad)
+    if len(mined) == 3:
+        expected = torch.unique(torch.stack(mined, dim=1), dim=0)
+        assert expected.shape[0] > 0
+        assert torch.equal(out.triplets, expected)
+        assert out.triplets_total == expected.shape[0]
+    else:
+        assert out.triplets is None
+        assert out.stats["mined_pos_pairs"] == len(mined[0]) and out.stats["mined_neg_pairs"] == len(mined[2])
+
+
+def test_triplets_are_capped_but_counted() -> None:
+    emb, labels = _batch(seed=9, per_class=4)
+    ctx = ComputeContext(device=torch.device("cpu"), max_triplets=5)
+    _, out, _ = _served("TripletMarginLoss", {"miner": "pml.TripletMarginMiner"}, emb, labels, ctx=ctx)
+    mined = pml_miners.TripletMarginMiner()(emb, labels)
+    expected = torch.unique(torch.stack(mined, dim=1), dim=0)
+    assert expected.shape[0] > 5
+    assert out.triplets_total == expected.shape[0]
+    assert torch.equal(out.triplets, expected[:5])
+
+
+def test_no_valid_pair_gives_zero_loss_and_gradient() -> None:
+    emb, _ = _batch(seed=2)
+    labels = torch.arange(emb.shape[0])  # every sample its own class: no triplet at all
+    _, out, grad = _served("TripletMarginLoss", {"miner": "pml.BatchHardMiner"}, emb, labels)
+    assert out.loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+# ---- learnable losses in a session ------------------------------------------------------------------------
+
+def test_session_state_is_trained_and_round_trips() -> None:
+    emb, labels = _batch(seed=5)
+    loss = get("pml.ProxyAnchorLoss")(CLASSIFIER)
+    loss.init_state(DIM, torch.device("cpu"), torch.Generator().manual_seed(SEED), {})
+    state = loss.state_tensors()
+    assert list(state) == ["proxies"] and isinstance(state["proxies"], torch.nn.Parameter)
+
+    torch.manual_seed(SEED)
+    ref = pml_losses.ProxyAnchorLoss(num_classes=N_CLASSES, embedding_size=DIM)
+    _close(state["proxies"], ref.proxies)
+    ours_opt = torch.optim.SGD([state["proxies"]], lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(3):  # the session's loop: forward, gradient for the parameters, optimiser step
+        e = emb + 0.1 * step
+        out = loss.forward({"embeddings": e, "labels": labels}, CTX)
+        ours_opt.zero_grad()
+        out.loss.backward()
+        ours_opt.step()
+        ref_opt.zero_grad()
+        ref(e, labels).backward()
+        ref_opt.step()
+    _close(state["proxies"], ref.proxies)
+
+    restored = get("pml.ProxyAnchorLoss")(CLASSIFIER)
+    restored.load_state_tensors({k: v.detach().clone() for k, v in loss.state_tensors().items()})
+    a = loss.forward({"embeddings": emb, "labels": labels}, CTX).loss
+    b = restored.forward({"embeddings": emb, "labels": labels}, CTX).loss
+    _close(a, b)
+
+
+def test_embedding_size_defaults_to_the_batch_width_and_then_is_enforced() -> None:
+    emb, labels = _batch(seed=6)
+    loss = get("pml.ArcFaceLoss")(CLASSIFIER)
+    loss.init_state(DIM, torch.device("cpu"), torch.Generator().manual_seed(1), {})
+    assert loss.state_tensors()["W"].shape == (DIM, N_CLASSES)
+    with pytest.raises(InvalidArgument) as err:
+        loss.check_inputs({"embeddings": emb[:, :4], "labels": labels})
+    assert err.value.field == "inputs.embeddings"
+    fixed = get("pml.ArcFaceLoss")(CLASSIFIER | {"embedding_size": 8})
+    with pytest.raises(InvalidArgument):
+        fixed.check_inputs({"embeddings": emb, "labels": labels})
+
+
+def test_dynamic_soft_margin_histogram_is_committed_only_by_update() -> None:
+    emb, labels = _batch(seed=7)
+    loss = get("pml.DynamicSoftMarginLoss")({})
+    loss.init_state(DIM, torch.device("cpu"), torch.Generator().manual_seed(1), {})
+    before = loss.state_tensors()["hist_"].clone()
+    out = loss.forward({"embeddings": emb, "labels": labels}, CTX)
+    assert torch.equal(loss.state_tensors()["hist_"], before)  # forward leaves the state alone
+    loss.update({"embeddings": emb, "labels": labels}, out,
+                ComputeContext(device=torch.device("cpu"), max_triplets=10, training=False))
+    assert torch.equal(loss.state_tensors()["hist_"], before)  # not while evaluating
+    out = loss.forward({"embeddings": emb, "labels": labels}, CTX)
+    loss.update({"embeddings": emb, "labels": labels}, out, CTX)
+
+    ref = pml_losses.DynamicSoftMarginLoss()
+    ref(emb, labels)
+    _close(loss.state_tensors()["hist_"], ref.hist_.detach())
+    assert not torch.equal(ref.hist_.detach(), before)
+
+
+# ---- validation -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "params", "field"), [
+    ("TripletMarginLoss", {"distance": "BatchedDistance"}, "params.distance"),
+    ("TripletMarginLoss", {"distance": "__class__"}, "params.distance"),
+    ("TripletMarginLoss", {"reducer": "DoNothingReducer"}, "params.reducer"),
+    ("TripletMarginLoss", {"reducer": "DivisorReducer"}, "params.reducer"),
+    ("TripletMarginLoss", {"reducer": "ThresholdReducer"}, "params.reducer_params"),
+    ("TripletMarginLoss", {"miner": "BatchHardMiner"}, "params.miner"),
+    ("TripletMarginLoss", {"miner": "pml.EmbeddingsAlreadyPackagedAsTriplets"}, "params.miner"),
+    ("TripletMarginLoss", {"distance": "LpDistance", "distance_params": {"is_inverted": True}},
+     "params.distance_params.is_inverted"),
+    ("TripletMarginLoss", {"distance_params": {"p": 1.0}}, "params.distance_params"),
+    ("TripletMarginLoss", {"miner": "pml.TripletMarginMiner", "miner_params": {"type_of_triplets": "medium"}},
+     "params.miner_params.type_of_triplets"),
+    ("TripletMarginLoss", {"miner": "pml.BatchEasyHardMiner",
+                           "miner_params": {"pos_strategy": "semihard", "neg_strategy": "semihard"}},
+     "params.miner_params"),
+    ("TripletMarginLoss", {"margn": 0.1}, "params.margn"),
+    ("TripletMarginLoss", {"triplets_per_anchor": "all"}, "params.triplets_per_anchor"),
+    ("ArcFaceLoss", {}, "params.num_classes"),
+    ("ArcFaceLoss", CLASSIFIER | {"distance": "LpDistance"}, "params.distance"),
+    ("PNPLoss", {"miner": "pml.BatchHardMiner"}, "params.miner"),
+    ("PNPLoss", {"variant": "X"}, "params.variant"),
+    ("RankedListLoss", {"margin": 0.4}, "params.Tn"),
+    ("HistogramLoss", {"n_bins": 10, "delta": 0.5}, "params"),
+])
+def test_bad_parameters(name: str, params: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        get(f"pml.{name}")(params)
+    assert err.value.field == field, err.value.message
+
+
+def test_unknown_parameter_lists_valid_names() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        get("pml.ContrastiveLoss")({"neg_margn": 1.0})
+    for valid in ("pos_margin", "neg_margin", "distance", "reducer", "miner"):
+        assert valid in err.value.message
+
+
+@pytest.mark.parametrize(("name", "params", "labels", "field"), [
+    ("ArcFaceLoss", CLASSIFIER, torch.tensor([0, 1, 2, 4] * 3), "inputs.labels"),
+    ("ProxyAnchorLoss", CLASSIFIER, torch.tensor([0, 1, 2, -1] * 3), "inputs.labels"),
+    ("SmoothAPLoss", {}, torch.tensor([0, 1, 2, 3] * 3), "inputs.labels"),
+    ("SmoothAPLoss", {}, torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]), "inputs.labels"),
+    ("TripletMarginLoss", {}, torch.tensor([0, 1] * 5), "inputs.labels"),
+])
+def test_bad_inputs(name: str, params: dict[str, Any], labels: torch.Tensor, field: str) -> None:
+    emb, _ = _batch()
+    with pytest.raises(InvalidArgument) as err:
+        get(f"pml.{name}")(params).check_inputs({"embeddings": emb, "labels": labels})
+    assert err.value.field == field
+
+
+def test_cross_batch_memory_is_refused() -> None:
+    emb, labels = _batch()
+    mem = Memory(embeddings=emb[:2], labels=labels[:2], ids=torch.full((2,), -1))
+    ctx = ComputeContext(device=torch.device("cpu"), max_triplets=10, memory=mem)
+    with pytest.raises(FailedPrecondition):
+        get("pml.ContrastiveLoss")({}).forward({"embeddings": emb, "labels": labels}, ctx)
+
+
+# ---- without the extra ------------------------------------------------------------------------------------
+
+def test_without_the_extra_pml_names_are_absent_and_failed_precondition() -> None:
+    script = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "pytorch_metric_learning" or name.startswith("pytorch_metric_learning."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+                return None
+        sys.meta_path.insert(0, Block())
+        from embtrain_server.errors import FailedPrecondition, InvalidArgument
+        from embtrain_server.losses import get, load_all, names
+        load_all()
+        assert not [n for n in names() if n.startswith("pml.")], names()
+        assert "torch.MSELoss" in names()
+        try:
+            get("pml.ArcFaceLoss")
+        except FailedPrecondition as exc:
+            assert "pml" in exc.message and "embtrain[pml]" in exc.message, exc.message
+        else:
+            raise AssertionError("no FailedPrecondition")
+        try:
+            get("pmlx.Nothing")
+        except InvalidArgument:
+            pass
+        print("OK")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("OK")
