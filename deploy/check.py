@@ -179,7 +179,10 @@ def _find_tool(name: str) -> str | None:
 
 
 def promtool_path() -> str | None:
-    return os.environ.get("PROMTOOL") or _find_tool("promtool")
+    """promtool from $PROMTOOL (set but empty: act as if it were not installed), else from PATH."""
+    if "PROMTOOL" in os.environ:
+        return os.environ["PROMTOOL"] or None
+    return _find_tool("promtool")
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> tuple[int, str]:
@@ -248,7 +251,8 @@ def check_dockerfile(path: Path) -> Problems:
     text = path.read_text()
     stages = dockerfile_stages(text)
     if len(stages) < 2:
-        return problems + [f"{path.name}: expected a multi-stage build (builder + runtime), found {len(stages)} stage(s)"]
+        return problems + [f"{path.name}: expected a multi-stage build (builder + runtime), "
+                           f"found {len(stages)} stage(s)"]
     final = stages[-1]
 
     def last(name: str) -> str | None:
@@ -450,7 +454,8 @@ def _check_k8s_semantics(docs: list[dict[str, Any]], dockerfile: Path | None) ->
         by_kind.setdefault(d["kind"], []).append(d)
     namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
     if len(namespaces) != 1 or None in namespaces:
-        problems.append(f"every namespaced object needs the same explicit namespace, found {sorted(map(str, namespaces))}")
+        problems.append("every namespaced object needs the same explicit namespace, "
+                        f"found {sorted(map(str, namespaces))}")
     workloads = by_kind.get("StatefulSet", []) + by_kind.get("Deployment", [])
     if len(workloads) != 1:
         return problems + [f"expected one StatefulSet or Deployment, found {len(workloads)}"]
@@ -575,7 +580,8 @@ def _check_k8s_semantics(docs: list[dict[str, Any]], dockerfile: Path | None) ->
     ann = pod["metadata"].get("annotations", {})
     if ann.get("prometheus.io/scrape") == "true":
         if str(ann.get("prometheus.io/port")) != str(metrics_port):
-            problems.append(f"prometheus.io/port {ann.get('prometheus.io/port')!r} is not the metrics port {metrics_port}")
+            problems.append(f"prometheus.io/port {ann.get('prometheus.io/port')!r} is not the metrics port "
+                            f"{metrics_port}")
     elif not by_kind.get("ServiceMonitor"):
         problems.append("neither prometheus.io scrape annotations nor a ServiceMonitor")
     return problems
@@ -900,7 +906,8 @@ def _substitute_variables(expr: str, defined: set[str]) -> tuple[str, set[str]]:
 
 
 def _rects_overlap(a: dict[str, int], b: dict[str, int]) -> bool:
-    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    return (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+            and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
 
 
 def check_dashboard(path: Path) -> Problems:

@@ -84,8 +84,17 @@ class RemoteLoss(nn.Module):
 
 
 def load_head(model: ExportedModel, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported session head as a local module in eval mode (same outputs as ``Session.embed``)."""
-    head, _ = build_head(model.config["head"], int(model.config["in_dim"]))
-    if len(head):
-        head.load_state_dict(_st_load(model.weights))
+    """Rebuild an exported session head (``Session.export_model()``) as a local module in eval mode.
+
+    Its outputs equal ``Session.embed`` for the same weights, to float tolerance. The head takes
+    ``[n, in_dim]`` float32 input (``model.config["in_dim"]``); an identity head is an empty ``nn.Sequential``.
+    """
+    config = model.config
+    if "head" not in config or "in_dim" not in config:
+        raise ValueError("model: not an exported session head (its config has no 'head' / 'in_dim')")
+    head, out_dim = build_head(config["head"], int(config["in_dim"]))
+    if "out_dim" in config and int(config["out_dim"]) != out_dim:
+        raise ValueError(f"model: the head spec gives out_dim {out_dim}, the export says {config['out_dim']}")
+    # strict: a missing or extra tensor means the export and this SDK disagree on the layout.
+    head.load_state_dict(_st_load(model.weights), strict=True)
     return head.to(device).eval()

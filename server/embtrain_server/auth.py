@@ -1,9 +1,11 @@
 """Bearer-token authentication. Tokens come from a file (one ``principal:token`` per line) or the ``tokens``
-setting (``principal:token,principal:token``); each token names a principal. Comparison is constant-time over
-every configured token, so timing reveals neither which token nor how much of it matched."""
+setting (``principal:token,principal:token``); each token names a principal. The check compares SHA-256 digests
+(fixed length) with ``hmac.compare_digest`` against every configured token without stopping at a match, so its
+time reveals neither which token matched, nor how much of one, nor a token's length."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -41,9 +43,13 @@ def load_tokens(token_file: str, tokens: str) -> dict[str, str]:
     return found
 
 
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
 class Authenticator:
     def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._tokens = [(t.encode(), p) for t, p in tokens.items()]
+        self._tokens = [(_digest(t.encode()), p) for t, p in tokens.items()]
 
     @property
     def enabled(self) -> bool:
@@ -61,7 +67,7 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization: expected 'Bearer <token>'", field="authorization")
-        given = token.strip().encode()
+        given = _digest(token.strip().encode("utf-8", "surrogateescape"))
         match = None
         for known, principal in self._tokens:  # no early exit: constant time in the number of tokens
             if hmac.compare_digest(known, given):

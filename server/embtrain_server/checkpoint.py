@@ -21,7 +21,7 @@ FORMAT = "embtrain-checkpoint-1"
 
 
 class CorruptCheckpoint(Exception):
-    pass
+    """A checkpoint file that cannot be trusted (truncated, damaged, or not one of ours); the message says why."""
 
 
 def _digest(record: str, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -31,7 +31,7 @@ def _digest(record: str, tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(list(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -77,16 +77,30 @@ def peek_owner(data: bytes) -> str | None:
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: the previous checkpoint stays as it was
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(state_dir: pathlib.Path) -> int:
+    """Delete temporary files left by a write that was interrupted (a crash between write and rename); the
+    checkpoint they were replacing is still complete. Returns how many were removed."""
+    removed = 0
+    for tmp in state_dir.glob(f".*{SUFFIX}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def move_aside(path: pathlib.Path) -> pathlib.Path:

@@ -106,7 +106,17 @@ def estimate_bytes(loss_cls: type[Loss], n: int, d: int, m: int, itemsize: int) 
     pair = 8 * n * max(m, n) * max(itemsize, 4)  # a handful of n x m matrices (distances, masks, grads)
     if loss_cls.complexity == "n2d":
         pair += n * max(m, n) * d * itemsize
+    if loss_cls.complexity == "n3":
+        pair += 3 * n * max(m, n) * max(m, n) * max(itemsize, 4)
     return base + pair
+
+
+def _check_finite(loss_name: str, what: str, t: torch.Tensor) -> None:
+    """The native losses guard every division and root; a foreign loss (torch.*, pml.*) can still overflow or
+    hit a singular point on some batch. Such a batch is refused before anything is applied."""
+    if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        raise invalid("inputs.embeddings", f"loss {loss_name!r} gives a non-finite {what} for this batch (for "
+                      "example at duplicate embeddings or overflow in the input's dtype); nothing was applied")
 
 
 def head_dtype(head: torch.nn.Module) -> torch.dtype:
@@ -148,9 +158,7 @@ def run(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: torch.device,
                              want_per_item=options.per_item, memory=memory, training=training,
                              state_optimized_externally=state_optimized_externally)
         out = loss.forward(loss_inputs, ctx)
-    if not torch.isfinite(out.loss.detach()).all():
-        # The losses guard every division and root; reaching this is a bug, never a client error.
-        raise RuntimeError(f"loss {loss.name} produced a non-finite value")
+    _check_finite(loss.name, "loss", out.loss)
 
     gradients: dict[str, torch.Tensor] = {}
     param_grads: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
@@ -184,7 +192,11 @@ def run(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: torch.device,
                 g = stage1.get(name)
                 src = inputs[name]
                 g = torch.zeros(src.shape, dtype=src.dtype) if g is None else g.detach().to("cpu", src.dtype)
+                _check_finite(loss.name, f"gradient of {name}", g)
                 gradients[name] = g
+        for _, g in param_grads:
+            if g is not None:
+                _check_finite(loss.name, "gradient of the session parameters", g)
 
     triplets = out.triplets.detach().to("cpu", torch.int64) if (out.triplets is not None and options.triplets) else None
     triplet_ids = None

@@ -119,7 +119,18 @@ def apply_step(spec: OptimizerSpec, opt: torch.optim.Optimizer, grads: Sequence[
 
 
 def summary(spec: OptimizerSpec, opt: torch.optim.Optimizer | None, step: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": spec.type, "schedule": spec.schedule, "lr": spec.hyper["lr"] * lr_factor(spec, step)}
+    """What GetSession reports: type, schedule, the learning rate of the next update, parameters and state."""
+    factor = lr_factor(spec, step)
+    out: dict[str, Any] = {"type": spec.type, "schedule": spec.schedule, "base_lr": spec.hyper["lr"],
+                           "lr_factor": factor, "lr": spec.hyper["lr"] * factor, "steps": step}
+    if spec.warmup_steps:
+        out["warmup_steps"] = spec.warmup_steps
+    if spec.clip_grad_norm:
+        out["clip_grad_norm"] = spec.clip_grad_norm
     if opt is not None:
-        out["state_tensors"] = sum(1 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+        params = [p for g in opt.param_groups for p in g["params"]]
+        tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        out["parameters"] = sum(p.numel() for p in params)
+        out["state_tensors"] = len(tensors)
+        out["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     return out

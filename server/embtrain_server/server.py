@@ -18,13 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embtrain.v1 import embtrain_pb2 as pb
-from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, load_tokens
 from .config import ServerConfig
 from .metrics import Metrics
 from .service import Service
-from .servicer import Servicer
+from .servicer import Servicer, add_to_server
 from .sessions import SessionStore
 
 log = logging.getLogger("embtrain.server")
@@ -132,7 +131,7 @@ async def start(config: ServerConfig) -> RunningServer:
     service = Service(config, device, store, metrics)
     servicer = Servicer(service, auth, config, metrics, executor)
     server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=None)
-    pb_grpc.add_EmbeddingTrainerServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:

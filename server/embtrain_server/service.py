@@ -21,9 +21,9 @@ from safetensors.torch import save as st_save
 from embtrain import _codec as codec
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import compute, losses
+from . import compute, losses, optim
 from .config import ServerConfig
-from .errors import InvalidArgument, ResourceExhausted, invalid
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, invalid
 from .losses.base import Loss
 from .metrics import Metrics
 from .sessions import Session, SessionStore, parse_spec
@@ -132,7 +132,8 @@ class Service:
                 raise invalid("loss.name", "expected a loss name (see ListLosses)")
             loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
         inputs = compute.validate_inputs(type(loss), raw, max_batch_elements=self.config.max_batch_elements)
-        loss.check_inputs(inputs)
+        if session is None:  # a session runs the loss's checks itself, once its state (e.g. centres) exists
+            loss.check_inputs(inputs)
         started = time.perf_counter()
         try:
             if session is not None:
@@ -241,8 +242,7 @@ class Service:
         info.config.memory.update({"size": s.spec.memory_size})
         info.config.seed = s.spec.seed
         if s.optimizer_spec is not None:
-            from .optim import summary
-            info.optimizer_state.update(_jsonable(summary(s.optimizer_spec, s.optimizer, s.step)))
+            info.optimizer_state.update(_jsonable(optim.summary(s.optimizer_spec, s.optimizer, s.step)))
         return info
 
     def get_session(self, req: pb.GetSessionRequest, principal: str) -> pb.GetSessionResponse:
@@ -269,35 +269,45 @@ class Service:
                         session: Session | None = None) -> pb.SaveCheckpointResponse:
         session = session or self.store.get(req.session_id, principal)
         if self.store.state_dir is None:
-            raise invalid("session_id", "the server runs without a state_dir (persist: false); nothing to write")
+            raise FailedPrecondition("session_id: the server runs without a state_dir (persist: false), so there "
+                                     "is nowhere to write a checkpoint", field="session_id")
         return pb.SaveCheckpointResponse(step=self.checkpoint(session))
 
     # ---- model -------------------------------------------------------------------------------------------
     def embed(self, req: pb.EmbedRequest, principal: str, session: Session | None = None) -> pb.EmbedResponse:
+        """The session head's output (eval mode, no training, no step) for a batch of embeddings."""
         session = session or self.store.get(req.session_id, principal)
         x = decode_inputs({"embeddings": req.embeddings}, "")["embeddings"]
-        x = compute.validate_inputs(type(session.loss), {"embeddings": x},
-                                    max_batch_elements=self.config.max_batch_elements)["embeddings"] \
-            if "embeddings" in {s.name for s in session.loss.inputs} else x
-        return pb.EmbedResponse(embeddings=codec.encode(session.embed(x), "embeddings"))
+        if not x.is_floating_point():
+            raise invalid("embeddings", f"expected a float dtype (float16, bfloat16, float32, float64), got "
+                          f"{str(x.dtype).removeprefix('torch.')}")
+        if x.dim() != 2 or x.shape[1] < 1:
+            raise invalid("embeddings", f"expected 2 dimensions [n, d] with d >= 1, got shape {list(x.shape)}")
+        if x.numel() > self.config.max_batch_elements:
+            raise ResourceExhausted(
+                f"embeddings: {x.shape[0]} x {x.shape[1]} = {x.numel()} elements, over the server's "
+                f"max_batch_elements ({self.config.max_batch_elements}); send smaller batches", field="embeddings")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise invalid("embeddings", f"{bad} non-finite value(s) (NaN or Inf); every entry must be finite")
+        session.check_width(int(x.shape[1]), "embeddings")
+        try:
+            out = session.embed(x)
+        except torch.OutOfMemoryError:
+            _free(self.device)
+            raise ResourceExhausted("embeddings: the device ran out of memory; send smaller batches",
+                                    field="embeddings") from None
+        return pb.EmbedResponse(embeddings=codec.encode(out, "embeddings"))
 
     def export_model(self, req: pb.ExportModelRequest, principal: str,
                      session: Session | None = None) -> pb.ExportModelResponse:
+        """The head's configuration (JSON) and weights (safetensors), and the loss state (e.g. centres)."""
         session = session or self.store.get(req.session_id, principal)
-        if not session.materialized:
-            raise invalid("session_id", "the session has seen no batch yet, so its head has no input width; "
-                          "send one Compute or Embed first")
-        head_state = {k: v.detach().cpu().contiguous() for k, v in session.head.state_dict().items()} \
-            if session.head is not None else {}
-        out_dim = session.in_dim
-        for item in session.spec.head:
-            out_dim = item.get("out_dim", out_dim)
-        config = {"head": session.spec.head, "in_dim": session.in_dim, "out_dim": out_dim,
-                  "loss": {"name": session.spec.loss, "params": session.spec.params}, "step": session.step}
-        resp = pb.ExportModelResponse(config_json=json.dumps(_jsonable(config)), weights=st_save(head_state),
+        config, weights, state = session.export()
+        resp = pb.ExportModelResponse(config_json=json.dumps(_jsonable(config)), weights=st_save(weights),
                                       step=session.step)
-        for name, t in session.loss.state_tensors().items():
-            resp.state[name].CopyFrom(codec.encode(t.detach().cpu(), f"state.{name}"))
+        for name, t in state.items():
+            resp.state[name].CopyFrom(codec.encode(t, f"state.{name}"))
         return resp
 
     def list_losses(self, req: pb.ListLossesRequest, principal: str) -> pb.ListLossesResponse:

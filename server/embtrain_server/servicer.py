@@ -1,31 +1,87 @@
 """The gRPC servicer: thin. It authenticates, orders the batches of each session, hands every request to a
 worker thread running the transport-agnostic ``Service``, maps errors through ``translate`` and records the
-edge metrics. Torch work never runs on the event loop."""
+edge metrics. Torch work never runs on the event loop.
+
+Three guarantees live here because only the transport layer can give them:
+
+* A message that is not valid protobuf becomes INVALID_ARGUMENT (grpc's own deserialiser would answer UNKNOWN
+  with a Python exception in the text): ``add_to_server`` registers every method with a parser that never raises.
+* A cancelled or expired request frees what it holds: it leaves the worker queue if it has not started; if it has,
+  the session's order lock stays held until the worker finishes, so the next batch never overlaps it.
+* A stream holds at most ``max_inflight_per_stream`` batches that are received and not yet answered (the reader
+  stops reading, and HTTP/2 flow control pushes back on the client), and it ends promptly when the server drains.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
 from .auth import Authenticator
 from .config import ServerConfig
-from .errors import NotFound, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
+from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
 from .metrics import Metrics
 from .service import Service
 from .translate import code_name, to_grpc_status, to_status_proto
 
 log = logging.getLogger("embtrain.servicer")
 T = TypeVar("T")
+SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingTrainer"]
+DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
+_END = object()  # end of a stream's requests
+_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes are not a valid message of the method's type (what the parser hands on)."""
+
+    type_name: str
+    size: int
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf spelling, so metrics treat both alike
+        return self.size
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"request: not a valid {self.type_name} message ({self.size} bytes that do not "
+                               "parse as protobuf)", field="request")
+
+
+def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError):
+            return Malformed(name, len(data))
+
+    return parse
+
+
+def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Register the service with request parsers that turn garbage into ``Malformed`` (in place of the generated
+    ``add_EmbeddingTrainerServicer_to_server``, whose parsers raise)."""
+    handlers = {}
+    for m in SERVICE.methods:
+        req_cls, resp_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_parser(req_cls),
+                                response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class Servicer(pb_grpc.EmbeddingTrainerServicer):
@@ -38,8 +94,9 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         self.executor = executor
         self.draining = asyncio.Event()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._streams = 0
-        self.inflight = 0  # requests running on workers
+        self.open_streams = 0
+        self.inflight = 0  # requests submitted to the workers and not finished
+        self.pending_batches = 0  # stream batches received and not yet answered, over all streams
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def lock(self, session_id: str) -> asyncio.Lock:
@@ -50,9 +107,27 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         return lk
 
     async def work(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on a worker thread.
+
+        If the caller is cancelled (client cancel, deadline) before the work starts, the work is dropped from
+        the queue; once it runs it cannot be stopped, so the caller waits for it before letting the
+        cancellation through: whatever lock the caller holds (the session's order) covers the whole run.
+        """
+        cf = self.executor.submit(fn, *args)
+        fut = asyncio.wrap_future(cf)
         self.inflight += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not cf.cancel():
+                while not fut.done():
+                    try:
+                        await asyncio.shield(fut)
+                    except asyncio.CancelledError:
+                        continue
+                    except Exception:  # noqa: BLE001 - the caller is gone; the outcome has nowhere to go
+                        break
+            raise
         finally:
             self.inflight -= 1
 
@@ -60,14 +135,17 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         return self.auth.principal(context.invocation_metadata() or ())
 
     async def unary(self, method: str, request: Any, context: grpc.aio.ServicerContext,
-                    handler: Callable[..., Any], session_id: str | None = None) -> Any:
+                    handler: Callable[..., Any], session_field: str | None = None) -> Any:
         started = time.perf_counter()
         code = "OK"
         self.metrics.received_bytes.labels(method).inc(request.ByteSize())
         try:
             if self.draining.is_set():
-                raise Unavailable("the server is shutting down; retry on another replica")
+                raise Unavailable(DRAINING_MESSAGE)
             principal = self.principal(context)
+            if isinstance(request, Malformed):
+                raise request.error()
+            session_id = getattr(request, session_field) if session_field else None
             if session_id:
                 session = self.service.store.get(session_id, principal)
                 async with self.lock(session_id):
@@ -96,63 +174,95 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
 
     # ---- RPCs --------------------------------------------------------------------------------------------
     async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> pb.ComputeResponse:
-        sid = request.session_id if request.WhichOneof("target") == "session_id" else None
-        return await self.unary("Compute", request, context, self.service.compute, sid)
+        field = "session_id" if not isinstance(request, Malformed) and \
+            request.WhichOneof("target") == "session_id" else None
+        return await self.unary("Compute", request, context, self.service.compute, field)
 
     async def ComputeStream(self, request_iterator: AsyncIterator[pb.ComputeRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ComputeResponse]:
         method = "ComputeStream"
         try:
+            if self.draining.is_set():
+                raise Unavailable(DRAINING_MESSAGE)
             principal = self.principal(context)
-            if self._streams >= self.config.max_concurrent_streams:
-                raise ResourceExhausted(f"streams: {self._streams} open, the server's max_concurrent_streams; "
+            if self.open_streams >= self.config.max_concurrent_streams:
+                raise ResourceExhausted(f"streams: {self.open_streams} open, the server's max_concurrent_streams; "
                                         "retry later", field="streams")
         except ServiceError as err:
             self.metrics.requests.labels(method, err.code_name).inc()
             await context.abort_with_status(to_grpc_status(err))
             return
-        self._streams += 1
+        self.open_streams += 1
         self.metrics.open_streams.inc()
-        queue: asyncio.Queue[pb.ComputeRequest | None] = asyncio.Queue(maxsize=self.config.max_inflight_per_stream)
+        # The window: the reader takes a permit before reading a batch; answering it gives the permit back.
+        window = asyncio.Semaphore(self.config.max_inflight_per_stream)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        pending = 0
 
         async def reader() -> None:
+            nonlocal pending
             try:
-                async for req in request_iterator:
-                    await queue.put(req)
+                it = request_iterator.__aiter__()
+                while True:
+                    await window.acquire()
+                    try:
+                        req = await it.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    pending += 1
+                    self.pending_batches += 1
+                    queue.put_nowait(req)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the client went away mid-message; the stream ends below
+                log.debug("ComputeStream reader ended", exc_info=True)
             finally:
-                await queue.put(None)
+                queue.put_nowait(_END)
 
         reader_task = asyncio.create_task(reader())
+        drained = asyncio.create_task(self.draining.wait())
         try:
             while True:
-                req = await queue.get()
-                if req is None:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # draining and no batch in flight: end the stream now
+                    get.cancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        "the server is shutting down; the batches answered so far are applied")
+                req = get.result()
+                if req is _END:
                     break
                 started = time.perf_counter()
                 self.metrics.received_bytes.labels(method).inc(req.ByteSize())
+                resp = None
                 try:
+                    if isinstance(req, Malformed):
+                        raise req.error()
                     session = self.service.session_for(req, principal)
                 except NotFound as err:  # stream-level: the stream targets a session that is not there
                     self.metrics.requests.labels(method, err.code_name).inc()
                     await context.abort_with_status(to_grpc_status(err))
-                    return
                 except ServiceError as err:
-                    session, resp = None, self.error_response(req, err)
-                else:
+                    resp = self.error_response(req, err)
+                if resp is None:
                     resp = await self.stream_batch(req, principal, session)
-                code = "OK" if not resp.HasField("error") else grpc.StatusCode(
-                    next(c for c in grpc.StatusCode if c.value[0] == resp.error.code)).name
+                code = "OK" if not resp.HasField("error") else \
+                    _CODE_BY_VALUE.get(resp.error.code, grpc.StatusCode.UNKNOWN).name
                 self.metrics.requests.labels(method, code).inc()
                 self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
                 self.metrics.sent_bytes.labels(method).inc(resp.ByteSize())
                 yield resp
+                pending -= 1
+                self.pending_batches -= 1
+                window.release()
                 if self.draining.is_set():
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         "the server is shutting down; the batches answered so far are applied")
-                    return
         finally:
             reader_task.cancel()
-            self._streams -= 1
+            drained.cancel()
+            self.pending_batches -= pending
+            self.open_streams -= 1
             self.metrics.open_streams.dec()
 
     async def stream_batch(self, req: pb.ComputeRequest, principal: str, session: Any) -> pb.ComputeResponse:
@@ -168,8 +278,9 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             return self.error_response(req, err)
 
     @staticmethod
-    def error_response(req: pb.ComputeRequest, err: BaseException) -> pb.ComputeResponse:
-        return pb.ComputeResponse(request_id=req.request_id, error=to_status_proto(err))
+    def error_response(req: pb.ComputeRequest | Malformed, err: BaseException) -> pb.ComputeResponse:
+        request_id = "" if isinstance(req, Malformed) else req.request_id
+        return pb.ComputeResponse(request_id=request_id, error=to_status_proto(err))
 
     async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
         return await self.unary("CreateSession", request, context, self.service.create_session)
@@ -181,7 +292,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         return await self.unary("ListSessions", request, context, self.service.list_sessions)
 
     async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("CloseSession", request, context, self._close, request.session_id)
+        return await self.unary("CloseSession", request, context, self._close, "session_id")
 
     def _close(self, request: pb.CloseSessionRequest, principal: str, session: Any) -> pb.CloseSessionResponse:
         resp = self.service.close_session(request, principal)
@@ -189,13 +300,13 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         return resp
 
     async def Embed(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("Embed", request, context, self.service.embed, request.session_id)
+        return await self.unary("Embed", request, context, self.service.embed, "session_id")
 
     async def ExportModel(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("ExportModel", request, context, self.service.export_model, request.session_id)
+        return await self.unary("ExportModel", request, context, self.service.export_model, "session_id")
 
     async def SaveCheckpoint(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("SaveCheckpoint", request, context, self.service.save_checkpoint, request.session_id)
+        return await self.unary("SaveCheckpoint", request, context, self.service.save_checkpoint, "session_id")
 
     async def ListLosses(self, request, context):  # type: ignore[no-untyped-def]
         return await self.unary("ListLosses", request, context, self.service.list_losses)
@@ -227,4 +338,4 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                         pass
 
 
-__all__ = ["Servicer", "Unauthenticated", "code_name"]
+__all__ = ["Malformed", "Servicer", "Unauthenticated", "code_name", "add_to_server"]

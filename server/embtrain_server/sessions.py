@@ -4,6 +4,11 @@ persisted to ``state_dir`` and restored on start.
 
 Nothing here knows gRPC. Callers serialise the batches of one session (the servicer holds a per-session lock);
 different sessions run concurrently.
+
+A session is *materialised* (head, loss state, optimiser and memory built) by its first batch, because only then
+is the embedding width known. Materialisation is a pure function of (configuration, seed, width), so a first
+batch that is rejected simply undoes it, and a restored session rebuilds the same modules before loading the
+checkpointed tensors into them.
 """
 
 from __future__ import annotations
@@ -22,13 +27,23 @@ import torch
 from embtrain.heads import HeadSpecError, build_head, normalize_spec, set_generator
 
 from . import checkpoint, compute, losses, optim
-from .errors import InvalidArgument, NotFound, ResourceExhausted, invalid
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, invalid
 from .memory import SCHEMA as MEMORY_SCHEMA
 from .memory import MemoryBank
 
 log = logging.getLogger("embtrain.sessions")
 
 _SEED_BITS = 2**62
+DEFAULT_OPTIMIZER: dict[str, Any] = {"type": "adam", "lr": 1e-3}
+CHECKPOINT_VERSION = 1
+
+
+def uses_memory(cls: type[losses.Loss]) -> bool:
+    """Whether a loss reads the cross-batch memory. A loss may declare ``uses_memory``; PML losses refuse it."""
+    declared = getattr(cls, "uses_memory", None)
+    if declared is not None:
+        return bool(declared)
+    return cls.family != "pml"
 
 
 @dataclass(frozen=True)
@@ -37,14 +52,20 @@ class SessionSpec:
 
     loss: str
     params: dict[str, Any]  # as the client gave them (the loss re-validates them on restore)
-    head: list[dict[str, Any]]
-    optimizer: dict[str, Any] | None  # as given; None: the default (adam, lr 1e-3) for trainable parameters
+    head: list[dict[str, Any]]  # normalised (see embtrain.heads.normalize_spec)
+    optimizer: dict[str, Any] | None  # as given; None: DEFAULT_OPTIMIZER for the head (see Session.trainable)
     memory_size: int
     seed: int
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "params": self.params, "head": self.head, "optimizer": self.optimizer,
                 "memory": {"size": self.memory_size}, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SessionSpec:
+        return cls(loss=d["loss"], params=dict(d["params"]), head=normalize_spec(d["head"], "head"),
+                   optimizer=dict(d["optimizer"]) if d["optimizer"] else None,
+                   memory_size=int(d["memory"]["size"]), seed=int(d["seed"]))
 
 
 def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, optimizer: Mapping[str, Any] | None,
@@ -59,6 +80,9 @@ def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, opti
     if optimizer:
         optim.parse_spec(optimizer, "config.optimizer")
     mem = MEMORY_SCHEMA.parse(memory, "config.memory")
+    if mem["size"] and not uses_memory(cls):
+        raise invalid("config.memory.size", f"loss {loss_name!r} does not use a cross-batch memory; leave the "
+                      "memory out (size 0)")
     if seed is None:
         seed = secrets.randbelow(_SEED_BITS)
     elif not 0 <= seed < 2**63:
@@ -78,6 +102,7 @@ class Session:
     step: int = 0
     created_time: float = field(default_factory=time.time)
     in_dim: int | None = None
+    out_dim: int | None = None
     head: torch.nn.Sequential | None = None
     optimizer: torch.optim.Optimizer | None = None
     optimizer_spec: optim.OptimizerSpec | None = None
@@ -86,6 +111,11 @@ class Session:
     last_checkpoint_step: int = -1
     last_checkpoint_time: float = 0.0
     steps_since_checkpoint: int = 0
+    closed: bool = False  # set by SessionStore.remove; a closed session is never written again
+    # Parameters the session optimiser steps (head, then loss state where the optimiser owns it), in order.
+    _trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    # True when the session optimiser steps the loss's own parameters (the loss's ``update`` must not).
+    state_external: bool = False
 
     # ---- model materialisation --------------------------------------------------------------------------
     @property
@@ -98,70 +128,109 @@ class Session:
         Deterministic in (spec, seed, in_dim): initialisation runs on the CPU under a forked RNG seeded from the
         session seed, then moves to the device, so a retried or restored session builds the same state.
         """
+        self._build_model(in_dim)
+        self._build_optimizer()
+
+    def _build_model(self, in_dim: int) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
             head, out_dim = build_head(self.spec.head, in_dim)
             state_gen = torch.Generator().manual_seed(self.spec.seed + 1)
             self.loss.init_state(out_dim, torch.device("cpu"), state_gen, self.initial_state)
-        self.loss.load_state_tensors({k: v.to(self.device) for k, v in self.loss.state_tensors().items()})
+        state = self.loss.state_tensors()
+        if state:
+            self.loss.load_state_tensors({k: v.detach().to(self.device) for k, v in state.items()})
         self.head = head.to(self.device) if len(head) else None
+        # Dropout masks come from this generator (CPU, so the stream is the same on every device); its state is
+        # checkpointed, so a restored session draws the masks an uninterrupted one would.
         self.generator = torch.Generator(device="cpu").manual_seed(self.spec.seed + 2)
         if self.head is not None:
             set_generator(self.head, self.generator)
-        trainable = self.trainable()
-        if trainable:
-            raw = self.spec.optimizer or {"type": "adam", "lr": 1e-3}
-            self.optimizer_spec = optim.parse_spec(raw, "config.optimizer")
-            self.optimizer = optim.build(self.optimizer_spec, trainable)
-        if self.spec.memory_size:
-            self.memory = MemoryBank(self.spec.memory_size, out_dim, self.device, torch.float32)
-        self.in_dim = in_dim
+        self.memory = MemoryBank(self.spec.memory_size, out_dim, self.device) if self.spec.memory_size else None
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def _build_optimizer(self) -> None:
+        """(Re)build the optimiser over the current parameter objects (after loading state that replaced them)."""
+        head = [p for p in self.head.parameters() if p.requires_grad] if self.head is not None else []
+        state = self.loss_state_params()
+        # Loss state parameters are stepped by the session optimiser when the client configured one, or when the
+        # loss has no update rule of its own (PML's learnable losses); otherwise the loss applies its own rule
+        # (island: center_lr / the paper's alpha rule) in ``update``.
+        own_rule = self.loss.family != "pml"
+        extra = state if (self.spec.optimizer is not None or not own_rule) else []
+        self._trainable = head + extra
+        self.state_external = bool(extra)  # passed to the loss as ctx.state_optimized_externally
+        self.optimizer = self.optimizer_spec = None
+        if self._trainable:
+            self.optimizer_spec = optim.parse_spec(self.spec.optimizer or DEFAULT_OPTIMIZER, "config.optimizer")
+            self.optimizer = optim.build(self.optimizer_spec, self._trainable)
+
+    def _dematerialize(self) -> None:
+        """Undo ``materialize`` (a rejected first batch must leave the session as it was, width not yet fixed)."""
+        self.loss = losses.get(self.spec.loss)(self.spec.params)
+        self.in_dim = self.out_dim = None
+        self.head = self.optimizer = self.optimizer_spec = self.memory = self.generator = None
+        self._trainable = []
+        self.state_external = False
 
     def loss_state_params(self) -> list[torch.nn.Parameter]:
         return [t for t in self.loss.state_tensors().values() if isinstance(t, torch.nn.Parameter) and t.requires_grad]
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        head = [p for p in self.head.parameters() if p.requires_grad] if self.head is not None else []
-        # Loss state parameters are stepped by the session optimiser when the client configured one
-        # (otherwise a loss such as island applies its own rule, e.g. center_lr).
-        extra = self.loss_state_params() if (self.spec.optimizer or self.loss.family == "pml") else []
-        return head + extra
+        return list(self._trainable)
 
     def parameter_count(self) -> int:
+        """Elements of the head's parameters plus the loss state (centres, learnable loss parameters)."""
         n = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
         return n + sum(t.numel() for t in self.loss.state_tensors().values())
 
     # ---- one batch ---------------------------------------------------------------------------------------
-    def check_width(self, d: int) -> None:
+    def check_width(self, d: int, field_name: str = "inputs.embeddings") -> None:
         if self.in_dim is not None and d != self.in_dim:
-            raise invalid("inputs.embeddings", f"width {d}, expected {self.in_dim} (the session's embedding width)")
+            raise invalid(field_name, f"width {d}, expected {self.in_dim} (the session's embedding width)")
 
     def compute(self, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions, compute_dtype: str,
                 estimate_budget: int) -> compute.ComputeResult:
-        """Run one validated batch and apply it: optimiser step, loss state update, memory, step += 1.
+        """Run one batch (generic checks already done) and apply it: optimiser step, loss state update,
+        memory, step += 1.
 
-        Everything that can reject the batch runs before any state changes.
+        Everything that can reject the batch (the loss's own input checks included) runs before any state
+        changes; a rejected first batch also undoes the materialisation it caused.
         """
-        emb = inputs["embeddings"]
+        emb = inputs.get("embeddings")
+        if emb is None:
+            raise invalid("inputs.embeddings", "required in a session (the head and the memory act on it)")
         self.check_width(int(emb.shape[1]))
+        if self.spec.memory_size and "labels" not in inputs:
+            raise invalid("inputs.labels", "required when the session has a cross-batch memory")
         m = emb.shape[0] + (self.memory.fill if self.memory is not None else 0)
         need = compute.estimate_bytes(type(self.loss), emb.shape[0], emb.shape[1], m, emb.element_size())
         if estimate_budget and need > estimate_budget:
             raise ResourceExhausted(
                 f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
                 f"budget of {estimate_budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
-        if not self.materialized:
+        fresh = not self.materialized
+        if fresh:
             self.materialize(int(emb.shape[1]))
-        if self.memory is not None and "labels" not in inputs:
-            raise invalid("inputs.labels", "required when the session has a cross-batch memory")
-        if self.head is not None:
-            self.head.train()
-        external = self.optimizer is not None and bool(self.loss_state_params()) and \
-            any(p is q for p in self.loss_state_params() for g in self.optimizer.param_groups for q in g["params"])
-        result = compute.run(
-            self.loss, inputs, device=self.device, compute_dtype=compute_dtype, options=options, head=self.head,
-            memory=self.memory.view() if self.memory is not None and self.memory.fill else None,
-            trainable=self.trainable(), training=True, state_optimized_externally=external)
+        try:
+            # Runs after materialising: stateful losses check labels against their state (island's K centres).
+            self.loss.check_inputs(self._as_loss_sees_them(inputs))
+            if self.head is not None:
+                self.head.train()
+            gen_state = self.generator.get_state() if self.generator is not None else None
+            try:
+                result = compute.run(
+                    self.loss, inputs, device=self.device, compute_dtype=compute_dtype, options=options,
+                    head=self.head, memory=self.memory.view() if self.memory is not None and self.memory.fill else None,
+                    trainable=self._trainable, training=True, state_optimized_externally=self.state_external)
+            except BaseException:
+                if gen_state is not None:  # a rejected batch must not have consumed dropout randomness
+                    self.generator.set_state(gen_state)
+                raise
+        except BaseException:
+            if fresh:
+                self._dematerialize()
+            raise
         # ---- commit: nothing below rejects the batch ----
         if self.optimizer is not None and self.optimizer_spec is not None:
             optim.apply_step(self.optimizer_spec, self.optimizer, result.param_grads, self.step)
@@ -169,7 +238,7 @@ class Session:
         if result.head_output is not None:
             loss_inputs["embeddings"] = result.head_output
         ctx = losses.ComputeContext(device=self.device, max_triplets=options.max_triplets,
-                                    state_optimized_externally=external)
+                                    state_optimized_externally=self.state_external)
         with torch.no_grad():
             self.loss.update(loss_inputs, result.output, ctx)
         if self.memory is not None:
@@ -179,22 +248,49 @@ class Session:
         self.steps_since_checkpoint += 1
         return result
 
+    def _as_loss_sees_them(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inputs with the embeddings' shape and dtype after the head (what the loss will receive), for the
+        loss's checks before anything is computed. The stand-in is a zero-size-storage view, not real data."""
+        if self.head is None or self.out_dim is None:
+            return inputs
+        n = inputs["embeddings"].shape[0]
+        stand_in = torch.zeros((), dtype=compute.head_dtype(self.head)).expand(n, self.out_dim)
+        return {**inputs, "embeddings": stand_in}
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output for ``x`` in eval mode (no dropout), without training; in ``x``'s dtype."""
         self.check_width(int(x.shape[1]))
         if not self.materialized:
             self.materialize(int(x.shape[1]))
         if self.head is None:
             return x
         self.head.eval()
-        with torch.no_grad():
-            return self.head(x.to(self.device, compute.head_dtype(self.head))).to("cpu", x.dtype)
+        try:
+            with torch.no_grad():
+                return self.head(x.to(self.device, compute.head_dtype(self.head))).to("cpu", x.dtype)
+        finally:
+            self.head.train()
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(configuration, head weights, loss state) on the CPU, for ExportModel / ``embtrain.torch.load_head``."""
+        if not self.materialized:
+            raise FailedPrecondition("session_id: the session has seen no batch yet, so its head has no input "
+                                     "width; send one Compute or Embed first", field="session_id")
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()} \
+            if self.head is not None else {}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.loss.state_tensors().items()}
+        config = {"head": self.spec.head, "in_dim": self.in_dim, "out_dim": self.out_dim,
+                  "loss": {"name": self.spec.loss, "params": self.spec.params}, "step": self.step}
+        return config, weights, state
 
     # ---- persistence -------------------------------------------------------------------------------------
     def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON record, tensors): configuration, step, head, loss state, optimiser state (its tensors and its
+        scalars), dropout generator state and memory bank. The schedule position is the step."""
         tensors: dict[str, torch.Tensor] = {}
         record: dict[str, Any] = {
-            "id": self.id, "owner": self.owner, "spec": self.spec.to_dict(), "step": self.step,
-            "created_time": self.created_time, "in_dim": self.in_dim, "saved_time": time.time(),
+            "version": CHECKPOINT_VERSION, "id": self.id, "owner": self.owner, "spec": self.spec.to_dict(),
+            "step": self.step, "created_time": self.created_time, "in_dim": self.in_dim, "saved_time": time.time(),
         }
         for k, v in self.initial_state.items():
             tensors[f"initial.{k}"] = v
@@ -223,36 +319,39 @@ class Session:
     @classmethod
     def from_checkpoint(cls, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                         device: torch.device) -> Session:
-        s = record["spec"]
-        spec = SessionSpec(loss=s["loss"], params=s["params"], head=s["head"], optimizer=s["optimizer"],
-                           memory_size=s["memory"]["size"], seed=s["seed"])
+        """Rebuild a session exactly as it was saved. Raises on any inconsistency (the caller reports it)."""
+        if record.get("version", CHECKPOINT_VERSION) != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {record.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        spec = SessionSpec.from_dict(record["spec"])
         loss = losses.get(spec.loss)(spec.params)
         initial = {k.removeprefix("initial."): v for k, v in tensors.items() if k.startswith("initial.")}
         sess = cls(id=record["id"], owner=record["owner"], spec=spec, device=device, loss=loss, initial_state=initial,
                    step=int(record["step"]), created_time=float(record["created_time"]))
-        if record.get("in_dim") is not None:
-            sess.materialize(int(record["in_dim"]))
-            if sess.head is not None:
-                sess.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-            state = {k[5:]: v for k, v in tensors.items() if k.startswith("loss.")}
-            if state:
-                sess.loss.load_state_tensors({k: v.to(device) for k, v in state.items()})
-                if sess.optimizer is not None:  # the loss may have replaced its parameters: rebuild the optimiser
-                    sess.optimizer = optim.build(sess.optimizer_spec, sess.trainable())
-            if "rng.generator" in tensors and sess.generator is not None:
-                sess.generator.set_state(tensors["rng.generator"])
-            if sess.optimizer is not None and "optimizer" in record:
-                st: dict[int, dict[str, Any]] = {}
-                for k, v in tensors.items():
-                    if k.startswith("optim."):
-                        _, idx, key = k.split(".", 2)
-                        st.setdefault(int(idx), {})[key] = v.to(device) if key != "step" else v
-                for k, v in record["optimizer"]["scalars"].items():
-                    idx, key = k.split(".", 1)
+        if record.get("in_dim") is None:
+            return sess
+        sess._build_model(int(record["in_dim"]))
+        if sess.head is not None:
+            sess.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("loss.")}
+        if state:
+            sess.loss.load_state_tensors(state)
+        sess._build_optimizer()  # over the parameter objects as loaded (a loss may have replaced its own)
+        if sess.generator is not None:
+            sess.generator.set_state(tensors["rng.generator"])
+        if sess.optimizer is not None:
+            saved = record["optimizer"]
+            st: dict[int, dict[str, Any]] = {}
+            for k, v in tensors.items():
+                if k.startswith("optim."):
+                    _, idx, key = k.split(".", 2)
                     st.setdefault(int(idx), {})[key] = v
-                sess.optimizer.load_state_dict({"state": st, "param_groups": record["optimizer"]["param_groups"]})
-            if sess.memory is not None:
-                sess.memory.load(tensors, record["memory"])
+            for k, v in saved["scalars"].items():
+                idx, key = k.split(".", 1)
+                st.setdefault(int(idx), {})[key] = v
+            # load_state_dict moves the state tensors to each parameter's device (``step`` stays on the CPU).
+            sess.optimizer.load_state_dict({"state": st, "param_groups": saved["param_groups"]})
+        if sess.memory is not None:
+            sess.memory.load(tensors, record["memory"])
         return sess
 
 
@@ -319,9 +418,12 @@ class SessionStore:
             return list(self._sessions.values())
 
     def remove(self, session_id: str, owner: str, keep_checkpoint: bool) -> Session:
+        """Forget a session; its checkpoint file is deleted unless ``keep_checkpoint`` (then the next start
+        restores it)."""
         sess = self.get(session_id, owner)
         with self._lock:
             self._sessions.pop(session_id, None)
+            sess.closed = True  # a periodic checkpoint still queued for it must not write the file back
         if not keep_checkpoint and self.state_dir is not None:
             self.path(session_id).unlink(missing_ok=True)
         return sess
@@ -333,12 +435,12 @@ class SessionStore:
 
     def save(self, sess: Session) -> int:
         """Write the session's checkpoint now (the caller holds the session's order). Returns its step."""
-        if self.state_dir is None:
+        if self.state_dir is None or sess.closed:
             return sess.step
         record, tensors = sess.to_checkpoint()
         checkpoint.write_atomic(self.path(sess.id), checkpoint.encode(record, tensors))
         sess.last_checkpoint_step = sess.step
-        sess.last_checkpoint_time = time.time()
+        sess.last_checkpoint_time = float(record["saved_time"])
         sess.steps_since_checkpoint = 0
         return sess.step
 
@@ -346,12 +448,16 @@ class SessionStore:
         """Load every checkpoint in ``state_dir``; damaged ones are reported and moved aside. (loaded, corrupt)."""
         if self.state_dir is None or not self.state_dir.is_dir():
             return 0, 0
+        checkpoint.remove_stale_temporaries(self.state_dir)
         loaded = bad = 0
         for path in sorted(self.state_dir.glob(f"*{checkpoint.SUFFIX}")):
             sid = path.name[: -len(checkpoint.SUFFIX)]
             data = path.read_bytes()
             try:
                 record, tensors = checkpoint.decode(data)
+                if record.get("id") != sid:
+                    raise checkpoint.CorruptCheckpoint(f"the record names session {record.get('id')!r}, the file "
+                                                       f"{sid!r}")
                 sess = Session.from_checkpoint(record, tensors, self.device)
                 sess.last_checkpoint_step = sess.step
                 sess.last_checkpoint_time = float(record.get("saved_time", 0.0))

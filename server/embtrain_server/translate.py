@@ -1,5 +1,9 @@
 """The one place where domain errors become gRPC statuses (with ``google.rpc.BadRequest`` field violations).
-Anything that is not a ``ServiceError`` becomes INTERNAL with no internals in the message."""
+Anything that is not a ``ServiceError`` becomes INTERNAL with no internals in the message.
+
+Messages and field names can echo what a client sent (an unknown parameter's name), so they are cut to a bounded
+length: the status travels in HTTP/2 trailers, and a client refuses trailers over its metadata limit (8 KiB by
+default), which would turn a clear INVALID_ARGUMENT into an opaque transport error."""
 
 from __future__ import annotations
 
@@ -10,6 +14,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from .errors import ServiceError
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+MAX_MESSAGE_CHARS = 1024  # the message is sent twice (grpc-message and inside the details)
+MAX_FIELD_CHARS = 200
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def grpc_code(err: ServiceError) -> grpc.StatusCode:
@@ -20,11 +30,12 @@ def to_status_proto(err: BaseException) -> status_pb2.Status:
     """``google.rpc.Status`` for an error: used for in-band stream errors and for unary trailers."""
     if not isinstance(err, ServiceError):
         return status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
-    status = status_pb2.Status(code=grpc_code(err).value[0], message=err.message)
+    message = _cut(err.message, MAX_MESSAGE_CHARS)
+    status = status_pb2.Status(code=grpc_code(err).value[0], message=message)
     if err.violations:
         br = error_details_pb2.BadRequest()
-        for field, desc in err.violations:
-            br.field_violations.add(field=field, description=desc)
+        for field, desc in err.violations[:8]:
+            br.field_violations.add(field=_cut(field, MAX_FIELD_CHARS), description=_cut(desc, MAX_MESSAGE_CHARS))
         detail = any_pb2.Any()
         detail.Pack(br)
         status.details.append(detail)

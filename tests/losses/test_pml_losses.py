@@ -258,6 +258,36 @@ def test_session_state_is_trained_and_round_trips() -> None:
     _close(a, b)
 
 
+def test_loaded_state_keeps_parameter_identity_and_takes_the_given_tensors() -> None:
+    """The session moves state to its device by loading it back: the Parameter object must survive."""
+    loss = get("pml.SoftTripleLoss")(CLASSIFIER | {"centers_per_class": 2})
+    loss.init_state(DIM, torch.device("cpu"), torch.Generator().manual_seed(3), {})
+    param = loss.state_tensors()["fc"]
+    new = torch.randn(DIM, N_CLASSES * 2, dtype=torch.float32)
+    loss.load_state_tensors({"fc": new})
+    assert loss.state_tensors()["fc"] is param
+    assert torch.equal(param.detach(), new) and param.dtype == torch.float32
+    with pytest.raises(InvalidArgument):
+        loss.load_state_tensors({"fc": torch.zeros(DIM + 1, N_CLASSES * 2)})
+    with pytest.raises(InvalidArgument):
+        loss.load_state_tensors({"W": new})
+
+
+def test_initial_state_is_used() -> None:
+    w = torch.randn(DIM, N_CLASSES, dtype=T)
+    loss = get("pml.NormalizedSoftmaxLoss")(CLASSIFIER)
+    loss.init_state(DIM, torch.device("cpu"), torch.Generator().manual_seed(3), {"W": w})
+    assert torch.equal(loss.state_tensors()["W"].detach(), w)
+
+
+def test_non_finite_pml_loss_is_invalid_argument() -> None:
+    """NCALoss is NaN when no sample has a positive; the service answers INVALID_ARGUMENT, never NaN."""
+    emb, _ = _batch()
+    with pytest.raises(InvalidArgument) as err:
+        _served("NCALoss", {}, emb, torch.arange(emb.shape[0]))
+    assert err.value.message.startswith("pml.NCALoss:")
+
+
 def test_embedding_size_defaults_to_the_batch_width_and_then_is_enforced() -> None:
     emb, labels = _batch(seed=6)
     loss = get("pml.ArcFaceLoss")(CLASSIFIER)

@@ -102,7 +102,9 @@ CASES: dict[str, list[tuple[str, Builder, dict[str, Any]]]] = {
         ("unbatched", lambda g: {"input": _randn(g, 5), "target": torch.tensor(3)}, {}),
     ],
     "CTCLoss": [("mean", _ctc, {}), ("sum_zero_infinity", _ctc, {"reduction": "sum", "zero_infinity": True}),
-                ("concatenated_none", lambda g: _ctc(g, concatenated=True), {"reduction": "none"})],
+                ("concatenated_none", lambda g: _ctc(g, concatenated=True), {"reduction": "none"}),
+                ("infeasible_zero_infinity", lambda g: _ctc(g) | {"input_lengths": torch.tensor([12, 1, 11])},
+                 {"zero_infinity": True})],
     "NLLLoss": [
         ("mean", lambda g: {"input": _randn(g, 8, 5).log_softmax(1), "target": _classes(g, 5, 8)}, {}),
         ("weight_ignore_sum", lambda g: {"input": _randn(g, 8, 5).log_softmax(1),
@@ -431,6 +433,15 @@ def _bad_inputs() -> list[Any]:
         ("torch.CTCLoss", {}, ctc | {"target_lengths": torch.tensor([5, 2, 3])}, "inputs.target_lengths"),
         ("torch.CTCLoss", {}, ctc | {"targets": torch.tensor([[1, 2, 0, 3]] * 3)}, "inputs.targets"),
         ("torch.CTCLoss", {}, ctc | {"input_lengths": torch.tensor([12, 10])}, "inputs.input_lengths"),
+        ("torch.CTCLoss", {}, ctc | {"input_lengths": torch.tensor([12, 1, 11])}, "inputs.input_lengths"),
+        ("torch.CTCLoss", {}, ctc | {"targets": torch.tensor([[1, 1, 1, 1]] * 3),
+                                     "input_lengths": torch.tensor([6, 10, 11])}, "inputs.input_lengths"),
+        ("torch.CrossEntropyLoss", {}, ce | {"weight": torch.tensor([1.0, 1.0, 0.0], dtype=T),
+                                             "target": torch.tensor([2, 2, 2, 2])}, "inputs.weight"),
+        ("torch.PoissonNLLLoss", {"log_input": False, "eps": 0.0}, {"log_input": torch.tensor([1.0, 0.0], dtype=T),
+                                                                    "target": _rand(g, 2)}, "inputs.log_input"),
+        ("torch.GaussianNLLLoss", {"eps": 0.0}, {"input": _randn(g, 2), "target": _randn(g, 2),
+                                                 "var": torch.tensor([1.0, 0.0], dtype=T)}, "inputs.var"),
     ]
     return [pytest.param(*c, id=f"{c[0]}-{c[3]}-{k}") for k, c in enumerate(cases)]
 

@@ -131,7 +131,13 @@ def finalize_triplets(t: Tensor, limit: int) -> tuple[Tensor, int]:
     t = t.reshape(-1, 3).to(torch.int64)
     if t.shape[0] == 0:
         return t, 0
-    u = torch.unique(t, dim=0)  # sorted lexicographically
+    m = int(t.max()) + 1
+    if m < 2**20:
+        # one int64 key per row sorts like the row (torch.unique(dim=0) is far slower)
+        key = torch.unique((t[:, 0] * m + t[:, 1]) * m + t[:, 2])
+        u = torch.stack([key // (m * m), key // m % m, key % m], 1)
+    else:
+        u = torch.unique(t, dim=0)  # sorted lexicographically
     return u[:max(limit, 0)], int(u.shape[0])
 
 
@@ -188,8 +194,9 @@ def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Te
     with ``d(a,n) > d(a,p)``, else the farthest negative; ties to the lowest index. Returns ``(a, p, n*)`` in
     lexicographic (a, p) order.
 
-    Each anchor's negative distances are sorted once (stable, so equal distances keep index order); every
-    positive pair then finds its negative with a binary search instead of scanning all m candidates.
+    No [pairs, m] matrix: per anchor, the K positive distances are sorted and every negative falls in the bucket
+    "number of positive distances strictly below it"; the closest negative beyond the k-th positive distance is
+    the minimum over buckets >= k (a suffix minimum over K+1 buckets).
     """
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     for s, e in row_blocks(c.n, c.m, c.x.device):
@@ -201,17 +208,39 @@ def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Te
         pos &= has[:, None]
         a_loc, p = pos.nonzero(as_tuple=True)
         del pos
-        vals, order = torch.sort(d.masked_fill(same, _INF), dim=1, stable=True)
-        del same
-        d_ap = d[a_loc, p]
-        table, rank = _pad_by_row(a_loc, e - s, d_ap, 0.0)
-        first_greater = torch.searchsorted(vals, table, right=True)[a_loc, rank]
-        nneg = c.nneg[s:e]
-        farthest = vals.gather(1, (nneg - 1).clamp_min(0)[:, None])
-        first_farthest = torch.searchsorted(vals, farthest, right=False)[:, 0]
-        where = torch.where(first_greater < nneg[a_loc], first_greater, first_farthest[a_loc])
-        out.append((a_loc + s, p, order[a_loc, where]))
+        buckets = _ThresholdBuckets(a_loc, e - s, d[a_loc, p])
+        d_neg = d.masked_fill(same, _INF)
+        b = torch.searchsorted(buckets.sorted, d_neg, right=False)  # positives strictly closer than each candidate
+        nb = buckets.sorted.shape[1] + 1
+        bmin = torch.full((e - s, nb), _INF, dtype=d.dtype, device=d.device).scatter_reduce_(
+            1, b, d_neg, "amin")
+        # lowest index among the negatives that attain their bucket's minimum (equal distances share a bucket)
+        at_min = (d_neg == bmin.gather(1, b)) & ~same
+        index = torch.arange(c.m, device=d.device).expand_as(b)
+        bidx = torch.full((e - s, nb), c.m, dtype=torch.int64, device=d.device).scatter_reduce_(
+            1, b, torch.where(at_min, index, c.m), "amin")
+        del at_min, index, b
+        suffix_val, suffix_pos = torch.cummin(bmin.flip(1), dim=1)
+        col = nb - 1 - buckets.position  # flipped column of bucket `position` (= sorted rank + 1)
+        best_bucket = nb - 1 - suffix_pos[a_loc, col]
+        semi = bidx[a_loc, best_bucket]
+        farthest = d.masked_fill(same, -_INF).argmax(1)  # fallback; first maximum = lowest index
+        found = suffix_val[a_loc, col] < _INF
+        out.append((a_loc + s, p, torch.where(found, semi, farthest[a_loc])))
     return _cat3(out, c.x.device)
+
+
+class _ThresholdBuckets:
+    """Per-anchor sorted values of the anchor's positive pairs (``[B, kmax]``, +inf padded), and for each pair its
+    1-based rank in that order (``position``)."""
+
+    def __init__(self, a_loc: Tensor, n_rows: int, values: Tensor) -> None:
+        table, rank = _pad_by_row(a_loc, n_rows, values, _INF)
+        self.sorted, order = table.sort(dim=1)
+        inverse = torch.empty_like(order)
+        inverse.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        self.position = inverse[a_loc, rank] + 1
+        self.count = torch.bincount(a_loc, minlength=n_rows)
 
 
 def _cat3(parts: list[tuple[Tensor, Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -299,9 +328,9 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
 
     The gradient goes through ``∂Σℓ/∂D``: a ``[B, m]`` coefficient matrix per anchor block (count of active
     negatives on ``D(a,p)``, minus count of active positives on ``D(a,n)``), turned into row gradients by
-    ``dist.backward``. For the plain hinge the counts come from each anchor's sorted negative distances and
-    binary searches (O(m log m) per anchor instead of O(K·m)); the soft, swap and per-triplet variants evaluate
-    ``[pairs_chunk, m]`` hinge matrices.
+    ``dist.backward``. For the plain hinge the counts and sums come from bucketing each anchor's negatives by its
+    K sorted thresholds (O(m log K) per anchor instead of O(K·m)); the soft, swap and per-triplet variants
+    evaluate ``[pairs_chunk, m]`` hinge matrices.
     """
     n, m = c.n, c.m
     dev, dt = c.x.device, c.x.dtype
@@ -312,7 +341,7 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
     active = torch.zeros((), dtype=torch.int64, device=dev)
     sum_dap = torch.zeros((), dtype=torch.float64, device=dev)
     sum_dan = torch.zeros((), dtype=torch.float64, device=dev)
-    sorted_path = not (soft or swap or want_values)
+    bucket_path = not (soft or swap or want_values)
     for s, e in row_blocks(n, m, dev):
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
@@ -323,37 +352,41 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
         a_loc, p = pos.nonzero(as_tuple=True)
         del pos
         d_neg = d.masked_fill(same, _INF)
-        del same
         coef = torch.zeros_like(d)
         npos_b = c.npos[s:e].to(torch.float64)
         nneg_b = c.nneg[s:e]
         d_ap = d[a_loc, p]
         sum_dap += (d_ap.to(torch.float64) * nneg_b[a_loc]).sum()
-        if sorted_path:
-            vals, order = torch.sort(d_neg, dim=1)
-            prefix = torch.nn.functional.pad(vals.to(torch.float64).cumsum(1), (1, 0))  # prefix[a, k] = Σ_{<k}
-            sum_dan += (prefix.gather(1, nneg_b[:, None])[:, 0] * npos_b).sum()
+        if bucket_path:
+            sum_dan += (d.masked_fill(same, 0).sum(1, dtype=torch.float64) * npos_b).sum()
             thr = d_ap + margin
-            table, rank = _pad_by_row(a_loc, e - s, thr, -_INF)
-            # active (a,p,n) <=> D_an < margin + D_ap: count per pair, and per negative the positives above it
-            cnt = torch.searchsorted(vals, table)[a_loc, rank]
-            pair_loss = cnt * thr.to(torch.float64) - prefix[a_loc, cnt]
-            del prefix
+            buckets = _ThresholdBuckets(a_loc, e - s, thr)
+            # active (a,p,n) <=> D_an < margin + D_ap. Bucket b(n) = #thresholds <= D_an: the k-th smallest
+            # threshold is beaten by the negatives with b < k; negative n beats count - b(n) thresholds.
+            b = torch.searchsorted(buckets.sorted, d_neg, right=True)
+            nb = buckets.sorted.shape[1] + 1
+            hist = torch.zeros(e - s, nb, dtype=torch.float64, device=dev)
+            cum_cnt = hist.scatter_add(1, b, torch.ones_like(d_neg, dtype=torch.float64)).cumsum_(1)
+            cum_sum = hist.scatter_add_(1, b, d_neg.to(torch.float64)).cumsum_(1)  # +inf only past the last rank
+            cnt = cum_cnt[a_loc, buckets.position - 1]
+            pair_loss = cnt * thr.to(torch.float64) - cum_sum[a_loc, buckets.position - 1]
+            del hist, cum_cnt, cum_sum
             loss_sum += pair_loss.sum()
             if per_anchor is not None:
                 per_anchor.index_add_(0, a_loc + s, pair_loss)
+            cnt = cnt.to(torch.int64)
             active += cnt.sum()
+            beaten = (buckets.count[:, None] - b).to(dt)
+            coef = torch.where(same, coef, beaten.neg_())
             coef[a_loc, p] = cnt.to(dt)
-            thr_sorted = table.sort(dim=1).values
-            above = thr_sorted.shape[1] - torch.searchsorted(thr_sorted, vals, right=True)
-            coef.scatter_add_(1, order, above.to(dt).neg_())
-            del vals, order, above
+            del b, beaten, same
             if sink.room > 0:
                 _list_sorted(sink, d_neg, a_loc, p, thr, cnt, s)
             else:
                 sink.total += int(cnt.sum())
         else:
-            sum_dan += (d.masked_fill(d_neg == _INF, 0).sum(1, dtype=torch.float64) * npos_b).sum()
+            sum_dan += (d.masked_fill(same, 0).sum(1, dtype=torch.float64) * npos_b).sum()
+            del same
             if swap:
                 p_uniq, p_inv = torch.unique(p, return_inverse=True)
                 d_p, aux_p = dist.matrix(c.r[p_uniq], c.r)

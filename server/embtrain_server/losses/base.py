@@ -95,7 +95,7 @@ class Loss(ABC):
     stateful: ClassVar[bool] = False
     # Parameters that are refused with a specific message (e.g. torch's deprecated size_average).
     rejected_params: ClassVar[Mapping[str, str]] = {}
-    # Relative cost used for the memory estimate: "n" (linear), "n2" (pairwise), "n2d".
+    # Memory growth used for the batch estimate: "n" (linear), "n2" (pairwise), "n2d", "n3" (triplet tensors).
     complexity: ClassVar[str] = "n2"
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:

@@ -41,7 +41,7 @@ import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -101,6 +101,7 @@ class _Row:
     class_blocks: bool = False         # labels must come in contiguous, equally sized class blocks
     required: tuple[str, ...] = ()
     overrides: tuple[Param, ...] = ()
+    complexity: str | None = None      # memory growth for the batch estimate; None: from dim_axis
 
 
 def _float(name: str, default: float | None, description: str, **kw: Any) -> Param:
@@ -108,60 +109,60 @@ def _float(name: str, default: float | None, description: str, **kw: Any) -> Par
 
 
 if _pml_losses is not None:
-    L = _pml_losses
+    _L = _pml_losses
     _CLASSIFIER = {"dim_param": "embedding_size", "classes_param": "num_classes", "learnable": True,
                    "required": ("num_classes",)}
     _ROWS: dict[str, _Row] = {f"pml.{r.cls.__name__}": r for r in (
-        _Row(L.AngularLoss),
-        _Row(L.ArcFaceLoss, dim_axis=("W", 0), **_CLASSIFIER),
-        _Row(L.CircleLoss),
-        _Row(L.ContrastiveLoss),
-        _Row(L.CosFaceLoss, dim_axis=("W", 0), **_CLASSIFIER),
-        _Row(L.DynamicSoftMarginLoss, buffers=("hist_",)),
-        _Row(L.FastAPLoss),
-        _Row(L.GeneralizedLiftedStructureLoss),
-        _Row(L.HistogramLoss, overrides=(
+        _Row(_L.AngularLoss),
+        _Row(_L.ArcFaceLoss, dim_axis=("W", 0), **_CLASSIFIER),
+        _Row(_L.CircleLoss),
+        _Row(_L.ContrastiveLoss),
+        _Row(_L.CosFaceLoss, dim_axis=("W", 0), **_CLASSIFIER),
+        _Row(_L.DynamicSoftMarginLoss, buffers=("hist_",)),
+        _Row(_L.FastAPLoss),
+        _Row(_L.GeneralizedLiftedStructureLoss),
+        _Row(_L.HistogramLoss, overrides=(
             Param("n_bins", "int", None, "number of bins (delta = 2/n_bins); null with delta null: 100",
                   minimum=1, nullable=True),
             _float("delta", None, "bin width; null: 2/n_bins", minimum=0.0, exclusive_minimum=True,
                    nullable=True))),
-        _Row(L.InstanceLoss, miner=False),
-        _Row(L.IntraPairVarianceLoss),
-        _Row(L.LargeMarginSoftmaxLoss, dim_axis=("W", 0), overrides=(
+        _Row(_L.InstanceLoss, miner=False),
+        _Row(_L.IntraPairVarianceLoss),
+        _Row(_L.LargeMarginSoftmaxLoss, dim_axis=("W", 0), overrides=(
             Param("margin", "int", 4, "angular margin multiplier m", minimum=1),), **_CLASSIFIER),
-        _Row(L.LiftedStructureLoss),
-        _Row(L.MarginLoss, learnable=True, classes_param="num_classes", overrides=(
+        _Row(_L.LiftedStructureLoss),
+        _Row(_L.MarginLoss, learnable=True, classes_param="num_classes", overrides=(
             Param("num_classes", "int", None, "one beta per class; null: a single beta", minimum=1,
                   nullable=True),)),
-        _Row(L.MultiSimilarityLoss),
-        _Row(L.NCALoss),
-        _Row(L.NPairsLoss),
-        _Row(L.NTXentLoss),
-        _Row(L.NormalizedSoftmaxLoss, dim_axis=("W", 0), **_CLASSIFIER),
-        _Row(L.P2SGradLoss, learnable=True, dim_param="descriptors_dim", dim_axis=("weight", 0),
+        _Row(_L.MultiSimilarityLoss),
+        _Row(_L.NCALoss),
+        _Row(_L.NPairsLoss),
+        _Row(_L.NTXentLoss),
+        _Row(_L.NormalizedSoftmaxLoss, dim_axis=("W", 0), **_CLASSIFIER),
+        _Row(_L.P2SGradLoss, learnable=True, dim_param="descriptors_dim", dim_axis=("weight", 0),
              classes_param="num_classes", miner=False, required=("num_classes",)),
-        _Row(L.PNPLoss, miner=False, overrides=(
+        _Row(_L.PNPLoss, miner=False, complexity="n3", overrides=(
             Param("variant", "enum", "O", "PNP variant", choices=("Ds", "Dq", "Iu", "Ib", "O")),)),
-        _Row(L.ProxyAnchorLoss, dim_axis=("proxies", 1), **_CLASSIFIER),
-        _Row(L.ProxyNCALoss, dim_axis=("proxies", 1), **_CLASSIFIER),
-        _Row(L.RankedListLoss, miner=False, required=("margin", "Tn"), overrides=(
+        _Row(_L.ProxyAnchorLoss, dim_axis=("proxies", 1), **_CLASSIFIER),
+        _Row(_L.ProxyNCALoss, dim_axis=("proxies", 1), **_CLASSIFIER),
+        _Row(_L.RankedListLoss, miner=False, required=("margin", "Tn"), overrides=(
             _float("margin", None, "margin between the positive and the negative set (required)"),
             _float("Tn", None, "temperature of the negative weighting (required)"),
             _float("imbalance", 0.5, "weight of the negative part", minimum=0.0, maximum=1.0),
             _float("alpha", None, "boundary of the negative set; null: 1 + margin/2", nullable=True))),
-        _Row(L.SignalToNoiseRatioContrastiveLoss),
-        _Row(L.SmoothAPLoss, class_blocks=True),
-        _Row(L.SoftTripleLoss, dim_axis=("fc", 0), **_CLASSIFIER),
-        _Row(L.SphereFaceLoss, dim_axis=("W", 0), overrides=(
+        _Row(_L.SignalToNoiseRatioContrastiveLoss),
+        _Row(_L.SmoothAPLoss, class_blocks=True, complexity="n3"),
+        _Row(_L.SoftTripleLoss, dim_axis=("fc", 0), **_CLASSIFIER),
+        _Row(_L.SphereFaceLoss, dim_axis=("W", 0), overrides=(
             Param("margin", "int", 4, "angular margin multiplier m", minimum=1),), **_CLASSIFIER),
-        _Row(L.SubCenterArcFaceLoss, dim_axis=("W", 0), **_CLASSIFIER),
-        _Row(L.SupConLoss),
-        _Row(L.ThresholdConsistentMarginLoss),
-        _Row(L.TripletMarginLoss),
-        _Row(L.TupletMarginLoss),
+        _Row(_L.SubCenterArcFaceLoss, dim_axis=("W", 0), **_CLASSIFIER),
+        _Row(_L.SupConLoss),
+        _Row(_L.ThresholdConsistentMarginLoss),
+        _Row(_L.TripletMarginLoss),
+        _Row(_L.TupletMarginLoss),
     )}
     # Where a derived signature walk stops: PML's bases hold only internal arguments.
-    _STOP = L.BaseMetricLossFunction
+    _STOP = _L.BaseMetricLossFunction
 
     _SHARED_DISTANCE = (Param("p", "float", 2.0, "norm degree (normalisation and Lp)", minimum=0.0,
                               exclusive_minimum=True),
@@ -196,10 +197,11 @@ if _pml_losses is not None:
         "TripletMarginMiner": (
             Param("type_of_triplets", "enum", "all", "which triplets", choices=("all", "hard", "semihard", "easy")),),
     }
-    M = _pml_miners
-    _MINER_CLASSES = (M.AngularMiner, M.BatchEasyHardMiner, M.BatchHardMiner, M.DistanceWeightedMiner, M.HDCMiner,
-                      M.MultiSimilarityMiner, M.PairMarginMiner, M.TripletMarginMiner, M.UniformHistogramMiner)
-    _MINER_STOP = M.BaseMiner
+    _M = _pml_miners
+    _MINER_CLASSES = (_M.AngularMiner, _M.BatchEasyHardMiner, _M.BatchHardMiner, _M.DistanceWeightedMiner,
+                      _M.HDCMiner, _M.MultiSimilarityMiner, _M.PairMarginMiner, _M.TripletMarginMiner,
+                      _M.UniformHistogramMiner)
+    _MINER_STOP = _M.BaseMiner
 else:
     _ROWS = {}
     _DISTANCES = {}
@@ -249,6 +251,11 @@ def _sub_schema(cls: type, stop: type, extra: tuple[Param, ...] = ()) -> Schema:
 
 # ---- building PML objects from validated parameters -------------------------------------------------------
 
+def _why(exc: BaseException) -> str:
+    """PML's assertions often carry no message: fall back to the exception's type."""
+    return str(exc) or type(exc).__name__
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Draw from a private RNG stream: PML initialises weights from torch's global generator."""
@@ -276,7 +283,7 @@ def _reducer(name: str | None, values: Mapping[str, Any]) -> Any:
     try:
         return cls(**parsed)
     except (AssertionError, ValueError, TypeError) as exc:
-        raise invalid("params.reducer_params", f"{name} refused these arguments: {exc or type(exc).__name__}") from exc
+        raise invalid("params.reducer_params", f"{name} refused these arguments: {_why(exc)}") from exc
 
 
 def _miner(name: str | None, values: Mapping[str, Any]) -> Any:
@@ -294,7 +301,7 @@ def _miner(name: str | None, values: Mapping[str, Any]) -> Any:
         return cls(**parsed, **({"distance": dist} if dist is not None else {}))
     except (AssertionError, ValueError, TypeError) as exc:
         raise invalid("params.miner_params", f"pml.{cls.__name__} refused these arguments: "
-                                             f"{exc or type(exc).__name__}") from exc
+                                             f"{_why(exc)}") from exc
 
 
 _MINERS: dict[str, tuple[type, Schema]] = {
@@ -354,7 +361,7 @@ class _PmlLoss(Loss):
                     raise invalid("params.distance", f"{self.name} does not work with {p['distance']} "
                                                      f"{p['distance_params'] or ''}".rstrip()
                                   + (f": {exc}" if str(exc) else "")) from exc
-            raise InvalidArgument(f"params: {self.name} refused these parameters: {exc or type(exc).__name__}",
+            raise InvalidArgument(f"params: {self.name} refused these parameters: {_why(exc)}",
                                   field="params") from exc
 
     # ---- validation -------------------------------------------------------------------------------------
@@ -371,8 +378,8 @@ class _PmlLoss(Loss):
         row, p = self._row, self.params
         want = self._dim if self._dim is not None else (p.get(row.dim_param) if row.dim_param else None)
         if want is not None and d != want:
-            raise invalid("inputs.embeddings", f"width {d}, expected {want} "
-                                               f"({'the session state' if self._dim else 'params.' + str(row.dim_param)})")
+            source = "the session state" if self._dim else f"params.{row.dim_param}"
+            raise invalid("inputs.embeddings", f"width {d}, expected {want} ({source})")
         if row.classes_param and p.get(row.classes_param) is not None:
             k = p[row.classes_param]
             bad = (labels < 0) | (labels >= k)
@@ -403,13 +410,18 @@ class _PmlLoss(Loss):
             raise
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             raise InvalidArgument(f"{self.name}: pytorch-metric-learning rejected the inputs: "
-                                  f"{exc or type(exc).__name__}", field="inputs") from exc
+                                  f"{_why(exc)}", field="inputs") from exc
         finally:
             for b, value in saved.items():
                 setattr(module, b, value)
         if not torch.is_tensor(loss):
             loss = torch.as_tensor(float(loss), dtype=emb.dtype, device=emb.device)
         loss = loss.reshape(()).to(emb.dtype)
+        if not bool(torch.isfinite(loss.detach())):
+            # PML does not guard every degenerate batch (e.g. NCALoss when no sample has a positive).
+            raise InvalidArgument(f"{self.name}: pytorch-metric-learning returned a non-finite loss for this batch "
+                                  "(degenerate for this loss: check that classes repeat and embeddings differ)",
+                                  field="inputs.embeddings")
         if not loss.requires_grad and emb.requires_grad:
             loss = loss + 0.0 * emb.sum()  # keep the graph so the gradient is an explicit zero
         out = LossOutput(loss=loss)
@@ -465,11 +477,13 @@ class _PmlLoss(Loss):
             target = current[key]
             if value.shape != target.shape:
                 raise invalid(f"state.{key}", f"shape {list(value.shape)}, expected {list(target.shape)}")
+            # The tensors land where the caller put them (the session moves its state to the device this way);
+            # a Parameter keeps its identity so the optimiser built over it stays valid.
             if isinstance(target, torch.nn.Parameter):
                 with torch.no_grad():
-                    target.data = value.detach().to(device=target.device, dtype=value.dtype).clone()
+                    target.data = value.detach().clone()
             else:
-                setattr(self._module, key, value.detach().to(target.device).clone())
+                setattr(self._module, key, value.detach().clone())
 
     def update(self, inputs: dict[str, torch.Tensor], output: LossOutput, ctx: ComputeContext) -> None:
         if ctx.training and self._module is not None:
@@ -520,7 +534,7 @@ def _make(name: str, row: _Row) -> type[Loss]:
         "description": f"pytorch-metric-learning {row.cls.__name__} on (embeddings, labels).{learnable}",
         "schema": _schema(row),
         "stateful": row.learnable or bool(row.buffers),
-        "complexity": "n" if row.dim_axis else "n2",
+        "complexity": row.complexity or ("n" if row.dim_axis else "n2"),
         "_row": row,
     })
 

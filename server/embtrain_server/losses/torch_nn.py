@@ -18,7 +18,10 @@ Conventions:
   or gives one that means nothing. Regression and probability targets (MSE, KLDiv, BCE, ...) are differentiable.
 * ``CrossEntropyLoss`` takes class-index targets (int); the probability-target form would need a float target
   and the wire declares one dtype per input.
-* Empty inputs are refused: torch's ``mean`` over nothing is NaN and the service never answers NaN.
+* The service never answers NaN or Inf, so inputs on which torch would are refused: empty inputs,
+  every target ignored or weighted 0, a CTC target too long for its input without ``zero_infinity``, a zero
+  rate or variance with ``eps`` 0.
+* Shapes must match exactly where torch would broadcast with a warning (MSE, L1, ...).
 """
 
 from __future__ import annotations
@@ -116,6 +119,13 @@ def _signs(name: str) -> Check:
     return check
 
 
+def _positive(name: str, why: str) -> Check:
+    def check(x: Tensors, p: Mapping[str, Any]) -> None:
+        if bool((x[name] <= 0).any()):
+            raise invalid(f"inputs.{name}", f"entries must be > 0 ({why} would be infinite)")
+    return check
+
+
 def _when(param: str, value: Any, check: Check) -> Check:
     def guarded(x: Tensors, p: Mapping[str, Any]) -> None:
         if p[param] == value:
@@ -174,9 +184,15 @@ def _class_targets(spatial: bool, ignore: bool) -> Check:
             bad = target[~valid].flatten()[0].item()
             extra = f" or params.ignore_index ({p['ignore_index']})" if ignore else ""
             raise invalid("inputs.target", f"class index {bad} out of range; expected 0 <= index < {n_classes}{extra}")
-        if ignore and p["reduction"] == "mean" and bool((target == p["ignore_index"]).all()):
-            raise invalid("inputs.target", "every entry equals params.ignore_index: the mean over no elements is "
-                                           "undefined (use reduction 'sum' or send at least one counted target)")
+        if p["reduction"] == "mean":
+            # torch divides by the total weight of the counted targets; 0 of it would be a NaN loss.
+            counted = target != p["ignore_index"] if ignore else torch.ones_like(target, dtype=torch.bool)
+            if not bool(counted.any()):
+                raise invalid("inputs.target", "every entry equals params.ignore_index: the mean over no elements "
+                                               "is undefined (use reduction 'sum' or send a counted target)")
+            if "weight" in x and float(x["weight"][target[counted]].sum()) == 0.0:
+                raise invalid("inputs.weight", "the counted targets have total weight 0: the weighted mean is "
+                                               "undefined (use reduction 'sum')")
     return check
 
 
@@ -247,6 +263,19 @@ def _ctc(x: Tensors, p: Mapping[str, Any]) -> None:
     if bool(bad.any()):
         raise invalid("inputs.targets", f"label {labels[bad][0].item()}; expected 0 <= label < {n_classes} and "
                                         f"!= params.blank ({p['blank']})")
+    if not p["zero_infinity"]:
+        # An alignment needs one frame per label plus a blank between equal neighbours; with fewer frames the
+        # loss is +inf (torch's zero_infinity turns that into 0).
+        lengths = tgt_len.reshape(-1)
+        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths)
+        repeat = (labels[1:] == labels[:-1]) & (seq[1:] == seq[:-1])
+        needed = lengths.clone().index_add_(0, seq[1:][repeat], torch.ones_like(seq[1:][repeat]))
+        short = in_len.reshape(-1) < needed
+        if bool(short.any()):
+            i = int(torch.nonzero(short)[0])
+            raise invalid("inputs.input_lengths", f"sequence {i} has {int(in_len.reshape(-1)[i])} frames but its "
+                                                  f"target needs at least {int(needed[i])}: the loss would be "
+                                                  "infinite (shorten the target or set params.zero_infinity)")
 
 
 # ---- TripletMarginWithDistanceLoss: the distance functions of LOSSES.md §C ------------------------------
@@ -310,7 +339,8 @@ _TABLE: tuple[_Row, ...] = (
           _int("input_lengths", "[N]", "length of each input sequence (<= T)"),
           _int("target_lengths", "[N]", "length of each target sequence")),
          (Param("blank", "int", 0, "index of the blank label", minimum=0), _reduction(),
-          Param("zero_infinity", "bool", False, "zero infinite losses (inputs too short to align) and their gradients")),
+          Param("zero_infinity", "bool", False,
+                "zero infinite losses (inputs too short to align) and their gradients")),
          (_ctc,)),
     _Row(torch.nn.NLLLoss, "negative log-likelihood of log-probabilities against class indices",
          (_float("input", "[N, C] | [C] | [N, C, d1, ...]", description="log-probabilities per class"),
@@ -329,6 +359,7 @@ _TABLE: tuple[_Row, ...] = (
          (_same_shape("log_input", "target"),
           _when("log_input", False, _values_in("log_input", 0.0, None, "a rate must be >= 0 when params.log_input "
                                                                         "is false")),
+          _when("log_input", False, _when("eps", 0.0, _positive("log_input", "log(rate) with params.eps 0"))),
           _when("full", True, _values_in("target", 0.0, None, "counts must be >= 0 when params.full is true")))),
     _Row(torch.nn.GaussianNLLLoss, "negative log-likelihood of a Gaussian with predicted mean and variance",
          (_float("input", _ANY, description="predicted mean"),
@@ -337,7 +368,8 @@ _TABLE: tuple[_Row, ...] = (
          (Param("full", "bool", False, "add the constant 0.5*log(2*pi)"),
           Param("eps", "float", 1e-6, "variances are clamped to at least eps", minimum=0.0),
           _reduction()),
-         (_same_shape("input", "target"), _gaussian_var)),
+         (_same_shape("input", "target"), _gaussian_var, _when("eps", 0.0, _positive("var", "log(var) with "
+                                                                                            "params.eps 0")))),
     _Row(torch.nn.KLDivLoss, "Kullback-Leibler divergence of target from the log-probabilities input",
          (_float("input", _ANY, description="log-probabilities"),
           _float("target", _ANY, description="probabilities (log-probabilities with params.log_target)")),
@@ -375,7 +407,8 @@ _TABLE: tuple[_Row, ...] = (
          (_reduction(),),
          (_ndim("input", 1, 2), _same_shape("input", "target"), _multilabel_margin)),
     _Row(torch.nn.HuberLoss, "Huber loss: quadratic below delta, linear above",
-         _ELEMENTWISE, (_reduction(), Param("delta", "float", 1.0, "switch point", minimum=0.0, exclusive_minimum=True)),
+         _ELEMENTWISE,
+         (_reduction(), Param("delta", "float", 1.0, "switch point", minimum=0.0, exclusive_minimum=True)),
          (_same_shape("input", "target"),)),
     _Row(torch.nn.SmoothL1Loss, "smooth L1: quadratic below beta (divided by beta), linear above",
          _ELEMENTWISE, (_reduction(), Param("beta", "float", 1.0, "switch point (0 gives L1)", minimum=0.0)),

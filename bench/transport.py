@@ -1,0 +1,648 @@
+"""Transport benchmark (``make bench-transport``): what embtrain's ``Compute`` costs on top of computing the same
+loss in-process, measured against the transport ceiling of this machine, a bare gRPC echo of the same bytes.
+
+Three things run side by side, each in its own arrangement:
+
+* **in-process**: ``embtrain_server.compute.run`` on already-decoded tensors (the loss, its gradient and the
+  copy back to the CPU; exactly what a local user of the loss pays);
+* **Compute**: ``embtrain.Client.compute`` against an ``embtrain-server`` subprocess on loopback (encode, gRPC,
+  decode, validate, compute, encode, gRPC, decode);
+* **echo**: a grpc.aio server in another subprocess whose generic handlers answer a request of the same bytes as the
+  ``ComputeRequest`` with a prebuilt response of the same size as the ``ComputeResponse``; no protobuf on either
+  side (identity serialisers), same channel and server options as embtrain.
+
+Unary rows time one call at a time (median of ``--repeats`` after ``--warmup``; the three are interleaved so that
+noise from other processes hits them alike). Stream rows run 1, 4 and 16 concurrent streams (``compute_stream``,
+4 batches in flight each) for ``--seconds`` per window and report the median rate over ``--stream-repeats``
+windows, next to the echo at the same concurrency and to the in-process compute run by as many threads.
+A profile section times each stage of one request on its own (client encode, server decode, validation, compute,
+server encode, client decode) against a plain memory copy of the payload.
+
+    python bench/transport.py [--device cpu|cuda] [--sizes 256,1024,4096] [--dims 128,512]
+                              [--dtypes float32,float16] [--repeats 15] [--seconds 3] [--markdown]
+
+Targets (issue 7): Compute <= in-process + 1.25 x echo (unary); stream rate >= 0.8 x min(in-process rate, echo
+stream rate); decode and encode copy each tensor at most once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ECHO_SERVICE = "embtrain.bench.Echo"
+MB = 1024 * 1024
+
+
+# ---- the echo server (run as a subprocess: ``transport.py --serve-echo``) -----------------------------------------
+
+
+def serve_echo() -> None:
+    """A grpc.aio server with embtrain's server options and two generic handlers on raw bytes: ``Unary`` and
+    ``Stream`` answer each request with a cached payload of the size named in the ``x-response-bytes`` metadata.
+    Prints its port on stdout, then runs until SIGTERM."""
+    from embtrain_server.config import ServerConfig
+    from embtrain_server.server import grpc_options
+
+    cache: dict[int, bytes] = {}
+
+    def payload(context: grpc.aio.ServicerContext) -> bytes:
+        size = int(dict(context.invocation_metadata() or ()).get("x-response-bytes", "0"))
+        if size not in cache:
+            cache[size] = os.urandom(size)  # incompressible, like float data
+        return cache[size]
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return payload(context)
+
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        out = payload(context)
+        async for _ in requests:
+            yield out
+
+    async def main() -> None:
+        server = grpc.aio.server(options=grpc_options(ServerConfig()))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+# ---- subprocesses --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-echo"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line.strip().isdigit():
+            raise RuntimeError(f"echo server did not start (exit code {proc.poll()})")
+        yield f"127.0.0.1:{int(line)}"
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterator[str]:
+    import embtrain
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port),
+           "--metrics-port", "0", "--no-persist", "--device", device, "--drain-seconds", "2",
+           "--workers", str(workers), "--log-level", "WARNING"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        target = f"127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            with embtrain.Client(target, timeout=2.0) as c:
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"embtrain-server exited ({proc.returncode}); see {log_path}")
+                    with contextlib.suppress(embtrain.EmbtrainError):
+                        if c.health() == "SERVING":
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("embtrain-server did not become SERVING in 120 s")
+                    time.sleep(0.2)
+            yield target
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- workload ------------------------------------------------------------------------------------------------
+
+
+def make_batch(n: int, d: int, dtype: str, seed: int = 0) -> tuple[Any, Any]:
+    """Embeddings (unit rows) and labels with 8 samples per class, as a P x K sampler would give."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(getattr(torch, dtype))
+    y = torch.arange(n) % max(2, n // 8)
+    return x, y
+
+
+class InProcess:
+    """The loss computed in this process, on the bench's device, the way the server computes it."""
+
+    def __init__(self, loss: str, params: dict[str, Any], device: str) -> None:
+        import torch
+
+        from embtrain_server import compute, losses
+
+        losses.load_all()
+        self.compute = compute
+        self.loss = losses.get(loss)(params)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def inputs(self, x: Any, y: Any) -> dict[str, Any]:
+        return self.compute.validate_inputs(type(self.loss), {"embeddings": x, "labels": y},
+                                            max_batch_elements=1 << 40)
+
+    def __call__(self, inputs: dict[str, Any]) -> Any:
+        # ``run`` returns CPU tensors, so it has synchronised with the device when it returns.
+        return self.compute.run(self.loss, inputs, device=self.device, options=self.compute.ComputeOptions())
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    from embtrain._client import DEFAULT_MAX_MESSAGE_BYTES
+
+    return [("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_ms(xs: Sequence[float]) -> float:
+    return 1000.0 * statistics.median(xs)
+
+
+# ---- unary ---------------------------------------------------------------------------------------------------
+
+
+def bench_unary(client: Any, echo: grpc.Channel, loss: str, params: dict[str, Any], device: str, n: int, d: int,
+                dtype: str, warmup: int, repeats: int) -> dict[str, Any]:
+    from embtrain.v1 import embtrain_pb2 as pb
+
+    x, y = make_batch(n, d, dtype)
+    local = InProcess(loss, params, device)
+    inputs = local.inputs(x, y)
+    # The exact bytes embtrain sends and receives, for the echo.
+    req = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True, triplets=True,
+                          max_triplets=0, per_item_losses=False)
+    req_bytes = req.SerializeToString()
+    resp = client._stub.Compute(req, timeout=600)
+    assert isinstance(resp, pb.ComputeResponse) and not resp.HasField("error")
+    resp_size = resp.ByteSize()
+    echo_call = echo.unary_unary(f"/{ECHO_SERVICE}/Unary")
+    meta = (("x-response-bytes", str(resp_size)),)
+
+    runs = {
+        "inprocess": lambda: local(inputs),
+        "compute": lambda: client.compute(x, y, loss=loss, params=params),
+        "echo": lambda: echo_call(req_bytes, metadata=meta, timeout=600),
+    }
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():  # interleaved: background noise hits all three alike
+            times[k].append(timed(fn))
+    med = {k: median_ms(v) for k, v in times.items()}
+    budget = med["inprocess"] + 1.25 * med["echo"]
+    return {
+        "n": n, "d": d, "dtype": dtype, "request_bytes": len(req_bytes), "response_bytes": resp_size,
+        "inprocess_ms": med["inprocess"], "compute_ms": med["compute"], "echo_ms": med["echo"],
+        "overhead_ms": med["compute"] - med["inprocess"],
+        "overhead_over_echo": (med["compute"] - med["inprocess"]) / med["echo"],
+        "target_ms": budget, "meets_target": med["compute"] <= budget,
+        "samples_ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()},
+    }
+
+
+# ---- streams -------------------------------------------------------------------------------------------------
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.count += 1
+
+
+def _windows(counter: _Counter, warmup_s: float, seconds: float, repeats: int) -> list[float]:
+    """Rates (per second) of ``counter`` over ``repeats`` consecutive windows after a warm-up."""
+    time.sleep(warmup_s)
+    rates = []
+    for _ in range(repeats):
+        c0, t0 = counter.count, time.perf_counter()
+        time.sleep(seconds)
+        rates.append((counter.count - c0) / (time.perf_counter() - t0))
+    return rates
+
+
+def _run_threads(workers: list[Callable[[threading.Event], None]], counter: _Counter, warmup_s: float,
+                 seconds: float, repeats: int) -> list[float]:
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def guard(fn: Callable[[threading.Event], None]) -> None:
+        try:
+            fn(stop)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=guard, args=(w,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        rates = _windows(counter, warmup_s, seconds, repeats)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    if errors:
+        raise RuntimeError(f"stream worker failed: {errors[0]!r}") from errors[0]
+    return rates
+
+
+def bench_streams(client: Any, echo: grpc.Channel, loss: str, params: dict[str, Any], device: str, n: int, d: int,
+                  dtype: str, concurrency: Sequence[int], seconds: float, repeats: int,
+                  in_flight: int = 4) -> list[dict[str, Any]]:
+    x, y = make_batch(n, d, dtype)
+    req = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True, triplets=True,
+                          max_triplets=0, per_item_losses=False)
+    req_bytes = req.SerializeToString()
+    resp_size = client._stub.Compute(req, timeout=600).ByteSize()
+    meta = (("x-response-bytes", str(resp_size)),)
+    echo_stream = echo.stream_stream(f"/{ECHO_SERVICE}/Stream")
+    rows = []
+    for c in concurrency:
+        local = [InProcess(loss, params, device) for _ in range(c)]
+        inputs = local[0].inputs(x, y)
+
+        # In-process: c threads computing back to back (torch releases the GIL while it computes).
+        counter = _Counter()
+
+        def inproc_worker(i: int) -> Callable[[threading.Event], None]:
+            def run(stop: threading.Event) -> None:
+                while not stop.is_set():
+                    local[i](inputs)
+                    counter.add()
+            return run
+
+        inproc = _run_threads([inproc_worker(i) for i in range(c)], counter, 0.5, seconds, repeats)
+
+        # embtrain: c concurrent ComputeStream calls on the one client, ``in_flight`` batches ahead each.
+        counter = _Counter()
+
+        def stream_worker(stop: threading.Event) -> None:
+            def batches() -> Iterator[tuple[Any, Any]]:
+                while not stop.is_set():
+                    yield x, y
+            for r in client.compute_stream(batches(), loss=loss, params=params, max_in_flight=in_flight):
+                r.raise_for_error()
+                counter.add()
+
+        remote = _run_threads([stream_worker] * c, counter, 1.0, seconds, repeats)
+
+        # Echo: the same bytes both ways on c streams, with the same window.
+        counter = _Counter()
+
+        def echo_worker(stop: threading.Event) -> None:
+            window = threading.Semaphore(in_flight)
+
+            def requests() -> Iterator[bytes]:
+                while not stop.is_set():
+                    if window.acquire(timeout=0.1):
+                        yield req_bytes
+
+            call = echo_stream(requests(), metadata=meta)
+            try:
+                for _ in call:
+                    window.release()
+                    counter.add()
+            finally:
+                call.cancel()
+
+        echo_rates = _run_threads([echo_worker] * c, counter, 1.0, seconds, repeats)
+        med = {"inprocess": statistics.median(inproc), "compute": statistics.median(remote),
+               "echo": statistics.median(echo_rates)}
+        ceiling = min(med["inprocess"], med["echo"])
+        rows.append({
+            "n": n, "d": d, "dtype": dtype, "streams": c, "request_bytes": len(req_bytes),
+            "response_bytes": resp_size,
+            "inprocess_batches_per_s": med["inprocess"], "compute_batches_per_s": med["compute"],
+            "echo_batches_per_s": med["echo"], "compute_embeddings_per_s": med["compute"] * n,
+            "fraction_of_ceiling": med["compute"] / ceiling, "meets_target": med["compute"] >= 0.8 * ceiling,
+            "samples": {"inprocess": inproc, "compute": remote, "echo": echo_rates},
+        })
+        print(f"  streams={c:2d} {n}x{d} {dtype}: compute {med['compute']:.1f}/s, echo {med['echo']:.1f}/s, "
+              f"in-process {med['inprocess']:.1f}/s -> {100 * rows[-1]['fraction_of_ceiling']:.0f}% of the ceiling",
+              flush=True)
+    return rows
+
+
+# ---- profile: where one request's time goes --------------------------------------------------------------------
+
+
+def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtype: str, repeats: int) -> dict[str, Any]:
+    """Each stage of one Compute on its own, in this process (no gRPC): median ms, and the equivalent number of
+    memory copies of the embeddings' bytes (stage time / time of one plain copy of that many bytes)."""
+    import numpy as np
+
+    from embtrain import _client as sdk
+    from embtrain import _codec as codec
+    from embtrain.v1 import embtrain_pb2 as pb
+    from embtrain_server import compute
+    from embtrain_server.config import ServerConfig
+    from embtrain_server.metrics import Metrics
+    from embtrain_server.service import Service, decode_inputs
+    from embtrain_server.sessions import SessionStore
+
+    import torch
+
+    x, y = make_batch(n, d, dtype)
+    client = sdk.Client.__new__(sdk.Client)  # only _request is used: no channel
+    service = Service(ServerConfig(persist=False, device=device), torch.device(device),
+                      SessionStore(torch.device(device), None), Metrics(torch.device(device)))
+    build = lambda: client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,  # noqa: E731
+                                    triplets=True, max_triplets=0, per_item_losses=False)
+    req = build()
+    wire_req = req.SerializeToString()
+    parsed = pb.ComputeRequest.FromString(wire_req)
+    resp = service.compute(parsed, "bench")
+    wire_resp = resp.SerializeToString()
+    local = InProcess(loss, params, device)
+    raw = decode_inputs(parsed.inputs)
+    inputs = compute.validate_inputs(type(local.loss), raw, max_batch_elements=1 << 40)
+    result = local(inputs)
+    arr = x.numpy() if dtype != "bfloat16" else x.view(torch.int16).numpy()
+    parsed_resp = pb.ComputeResponse.FromString(wire_resp)
+    dec = sdk._Decoder(x)
+
+    stages: dict[str, Callable[[], Any]] = {
+        "memcpy of the embeddings (reference)": lambda: np.copy(arr),
+        "client: encode tensors + build request": build,
+        "client: SerializeToString": lambda: req.SerializeToString(),
+        "server: FromString (parse)": lambda: pb.ComputeRequest.FromString(wire_req),
+        "server: decode tensors (.data + frombuffer)": lambda: decode_inputs(parsed.inputs),
+        "server: validate (dtype, finite, shapes)": lambda: compute.validate_inputs(
+            type(local.loss), raw, max_batch_elements=1 << 40),
+        "server: compute (= in-process)": lambda: local(inputs),
+        "server: encode result": lambda: service.encode_result("id", result, 0),
+        "server: SerializeToString": lambda: resp.SerializeToString(),
+        "client: FromString (parse)": lambda: pb.ComputeResponse.FromString(wire_resp),
+        "client: decode result (.data + frombuffer + clone)": lambda: sdk._result(parsed_resp, dec),
+        "whole service.compute (decode..encode)": lambda: service.compute(parsed, "bench"),
+    }
+    for fn in stages.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in stages}
+    for _ in range(repeats):
+        for k, fn in stages.items():
+            times[k].append(timed(fn))
+    ms = {k: median_ms(v) for k, v in times.items()}
+    copy_ms = ms["memcpy of the embeddings (reference)"]
+    # Copy counts by identity, not timing: does decoding hand out views of one buffer, or new bytes each time?
+    t = parsed.inputs["embeddings"]
+    data_access_copies = t.data is not t.data
+    return {
+        "n": n, "d": d, "dtype": dtype, "embedding_bytes": arr.nbytes, "request_bytes": len(wire_req),
+        "response_bytes": len(wire_resp),
+        "stages_ms": ms, "copies_equivalent": {k: v / copy_ms for k, v in ms.items()},
+        "tensor_data_access_makes_new_bytes": bool(data_access_copies),
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "grpcio": grpc.__version__, "numpy": np.__version__, "device": device,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    with contextlib.suppress(Exception):
+        import google.protobuf
+
+        info["protobuf"] = google.protobuf.__version__
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _size(b: int) -> str:
+    return f"{b / MB:.2f} MB" if b >= MB / 10 else f"{b / 1024:.0f} KB"
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    where = f"{m['gpu']} (CUDA)" if "gpu" in m else "CPU"
+    lines = [
+        f"### Transport on {where}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; device `{m['device']}`{' = ' + m['gpu'] if 'gpu' in m else ''}; "
+        f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m.get('protobuf', '?')}; "
+        f"{m['date']}; load average at start {', '.join(f'{v:.1f}' for v in m.get('load_average', ()))}. "
+        f"Loss `{result['loss']}` {json.dumps(result['params'])}; medians of {result['repeats']} after "
+        f"{result['warmup']} warm-up calls.",
+        "",
+        "**Unary `Compute` round trip** (ms). Target: Compute <= in-process + 1.25 x echo.",
+        "",
+        "| n | d | dtype | request | response | in-process | Compute | echo | overhead (Compute - in-process) "
+        "| overhead / echo | target | met |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for r in result["unary"]:
+        lines.append(f"| {r['n']} | {r['d']} | {r['dtype']} | {_size(r['request_bytes'])} | "
+                     f"{_size(r['response_bytes'])} | {r['inprocess_ms']:.2f} | {r['compute_ms']:.2f} | "
+                     f"{r['echo_ms']:.2f} | {r['overhead_ms']:.2f} | {r['overhead_over_echo']:.2f}x | "
+                     f"{r['target_ms']:.2f} | {'yes' if r['meets_target'] else '**no**'} |")
+    if result.get("streams"):
+        lines += [
+            "",
+            f"**Streams** ({result['in_flight']} batches in flight per stream; median of "
+            f"{result['stream_repeats']} windows of {result['seconds']:.0f} s). Target: Compute >= 0.8 x "
+            "min(in-process, echo).",
+            "",
+            "| n | d | dtype | streams | in-process batches/s | echo batches/s | Compute batches/s | "
+            "Compute embeddings/s | of ceiling | met |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|:-:|",
+        ]
+        for r in result["streams"]:
+            lines.append(f"| {r['n']} | {r['d']} | {r['dtype']} | {r['streams']} | "
+                         f"{r['inprocess_batches_per_s']:.1f} | {r['echo_batches_per_s']:.1f} | "
+                         f"{r['compute_batches_per_s']:.1f} | {r['compute_embeddings_per_s']:,.0f} | "
+                         f"{100 * r['fraction_of_ceiling']:.0f}% | {'yes' if r['meets_target'] else '**no**'} |")
+    prof = result.get("profile")
+    if prof:
+        lines += [
+            "",
+            f"**Where one request's time goes** (n={prof['n']}, d={prof['d']}, {prof['dtype']}, "
+            f"{_size(prof['embedding_bytes'])} of embeddings; each stage alone in one process, median ms; "
+            "'copies' = stage time / one plain copy of the embeddings' bytes).",
+            "",
+            "| stage | ms | copies |",
+            "|---|---:|---:|",
+        ]
+        for k, v in prof["stages_ms"].items():
+            lines.append(f"| {k} | {v:.3f} | {prof['copies_equivalent'][k]:.1f} |")
+        lines.append("")
+        lines.append("Reading `Tensor.data` of a parsed message returns new bytes on every access: "
+                     f"{'yes' if prof['tensor_data_access_makes_new_bytes'] else 'no'}.")
+    return "\n".join(lines)
+
+
+def write_markdown(path: pathlib.Path, key: str, text: str) -> None:
+    """Replace the section between ``<!-- {key}:begin -->`` and ``<!-- {key}:end -->`` (appended if missing)."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    old = path.read_text() if path.exists() else "# embtrain benchmarks\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        new = head + block + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _shape(s: str) -> tuple[int, int, str]:
+    n, rest = s.split("x", 1)
+    d, _, dtype = rest.partition(":")
+    return int(n), int(d), dtype or "float32"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--serve-echo"]:
+        serve_echo()
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the server's and the in-process device")
+    p.add_argument("--loss", default="batch_hard_triplet", help="loss to time (falls back to contrastive if the "
+                   "server lacks it)")
+    p.add_argument("--sizes", default="256,1024,4096", help="batch sizes n")
+    p.add_argument("--dims", default="128,512", help="embedding widths d")
+    p.add_argument("--dtypes", default="float32,float16")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--streams", default="1,4,16", help="concurrent stream counts ('' to skip)")
+    p.add_argument("--stream-shapes", default="1024x512:float32,256x128:float32",
+                   help="nxd:dtype payloads of the stream rows")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of one stream measurement window")
+    p.add_argument("--stream-repeats", type=int, default=3)
+    p.add_argument("--in-flight", type=int, default=4, help="batches in flight per stream")
+    p.add_argument("--workers", type=int, default=4, help="the embtrain server's --workers")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--out", default=None, help="JSON output (default bench/results/transport-<device>.json)")
+    p.add_argument("--markdown", nargs="?", const=str(ROOT / "bench" / "README.md"), default=None,
+                   help="write the tables into this markdown file (default bench/README.md) between markers")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import embtrain
+
+    dev_tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"transport-{dev_tag}.json")
+    result: dict[str, Any] = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats,
+                              "seconds": args.seconds, "stream_repeats": args.stream_repeats,
+                              "in_flight": args.in_flight, "unary": [], "streams": []}
+    print(f"machine: {result['machine']}", flush=True)
+    with embtrain_server(args.device, args.workers, out.parent / f"transport-{dev_tag}-server.log") as target, \
+            echo_server() as echo_target, embtrain.Client(target, timeout=600.0) as client, \
+            grpc.insecure_channel(echo_target, options=channel_options()) as echo:
+        names = {li.name for li in client.losses()}
+        loss = args.loss if args.loss in names else "contrastive"
+        params: dict[str, Any] = {}
+        result["loss"], result["params"] = loss, params
+        print(f"loss {loss}; embtrain at {target}, echo at {echo_target}", flush=True)
+        for dtype in args.dtypes.split(","):
+            for d in _ints(args.dims):
+                for n in _ints(args.sizes):
+                    r = bench_unary(client, echo, loss, params, args.device, n, d, dtype, args.warmup, args.repeats)
+                    result["unary"].append(r)
+                    print(f"  unary {n}x{d} {dtype}: in-process {r['inprocess_ms']:.2f} ms, Compute "
+                          f"{r['compute_ms']:.2f} ms, echo {r['echo_ms']:.2f} ms -> overhead "
+                          f"{r['overhead_over_echo']:.2f} x echo ({'met' if r['meets_target'] else 'MISSED'})",
+                          flush=True)
+        if args.streams:
+            for shape in args.stream_shapes.split(","):
+                n, d, dtype = _shape(shape)
+                result["streams"] += bench_streams(client, echo, loss, params, args.device, n, d, dtype,
+                                                   _ints(args.streams), args.seconds, args.stream_repeats,
+                                                   args.in_flight)
+    if not args.no_profile:
+        result["profile"] = profile(loss, params, args.device, 1024, 512, "float32", max(args.repeats, 15))
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    text = render(result)
+    print()
+    print(text)
+    if args.markdown:
+        write_markdown(pathlib.Path(args.markdown), f"transport-{dev_tag}", text)
+        print(f"\nupdated {args.markdown}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""``make demo``: train a small digits encoder with embtrain's ``RemoteLoss`` and, on the same batches, with the
+same loss computed in this process; print Recall@1 / MAP@R / timings side by side and draw the loss curves and a
+PCA of the test embeddings.
+
+By default it starts an embtrain server (``python -m embtrain_server.main`` on a free port, no persistence),
+waits until its health check says SERVING, and stops it with SIGTERM at the end; ``--target host:port`` uses a
+running server instead. Outputs go to ``examples/digits/out/`` (results.json, results.md, digits.png, server.log);
+the table and the figure are also copied next to this file for the README.
+
+    python examples/digits/run_demo.py [--epochs 12] [--losses batch_hard_triplet,multi_similarity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # makes ``digits`` importable when run as a script
+
+import torch  # noqa: E402
+
+import embtrain  # noqa: E402
+from digits.train import (  # noqa: E402
+    DEFAULT_CONFIGS,
+    InProcessLoss,
+    LossConfig,
+    Split,
+    evaluate,
+    embed,
+    initial_encoder,
+    island_centers,
+    load_split,
+    pk_batches,
+    train,
+)
+from embtrain.torch import RemoteLoss  # noqa: E402
+
+
+# ---- server lifecycle ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(device: str, log_path: pathlib.Path, startup_seconds: float = 90.0) -> Iterator[str]:
+    """Start ``embtrain-server`` in a subprocess on a free loopback port; yield its target; SIGTERM it at the end."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port),
+           "--metrics-port", "0", "--no-persist", "--device", device, "--drain-seconds", "5"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        target = f"127.0.0.1:{port}"
+        try:
+            wait_serving(target, proc, startup_seconds, log_path)
+            yield target
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def wait_serving(target: str, proc: subprocess.Popen, seconds: float, log_path: pathlib.Path) -> None:
+    deadline = time.monotonic() + seconds
+    with embtrain.Client(target, timeout=2.0) as client:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"embtrain-server exited with code {proc.returncode}; see {log_path}:\n"
+                                   + log_path.read_text(errors="replace")[-2000:])
+            try:
+                if client.health() == "SERVING":
+                    return
+            except embtrain.EmbtrainError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embtrain-server did not report SERVING within {seconds:.0f} s; see {log_path}")
+            time.sleep(0.25)
+
+
+# ---- one configuration ---------------------------------------------------------------------------------------
+
+
+def run_config(client: embtrain.Client, cfg: LossConfig, split: Split, *, steps: int, classes_per_batch: int,
+               samples_per_class: int, dim: int, seed: int, lr: float, progress: bool) -> dict[str, Any]:
+    """Train the remote and the local run of one loss and evaluate both (and the untrained encoder)."""
+    encoder = initial_encoder(cfg.normalize, dim, seed)
+    batches = pk_batches(split.y_train, classes_per_batch, samples_per_class, steps, seed + 1)
+    num_classes = int(split.y_train.max()) + 1
+    initial = {"initial_centers": island_centers(num_classes, dim, seed + 2)} if cfg.session else {}
+    session = None
+    if cfg.session:
+        session = client.create_session(cfg.loss, dict(cfg.params), seed=seed, initial_state=initial)
+        remote_fn = RemoteLoss(session)
+    else:
+        remote_fn = RemoteLoss(client, cfg.loss, dict(cfg.params))
+    try:
+        remote = train(encoder, split, batches, remote_fn, lr=lr, progress=f"{cfg.label} remote" if progress else None)
+    finally:
+        if session is not None:
+            session.close()
+    local = train(encoder, split, batches, InProcessLoss(cfg.loss, cfg.params, initial_state=initial), lr=lr,
+                  progress=f"{cfg.label} local" if progress else None)
+    diffs = [abs(a - b) / max(1.0, abs(b)) for a, b in zip(remote.losses, local.losses)]
+    test_x = split.x_test
+    return {
+        "loss": cfg.loss, "label": cfg.label, "params": dict(cfg.params), "session": cfg.session,
+        "normalize": cfg.normalize, "steps": steps,
+        "untrained": evaluate(encoder, split),
+        "remote": {"metrics": evaluate(remote.encoder, split), "wall_seconds": remote.wall_seconds,
+                   "loss_seconds": remote.loss_seconds, "losses": remote.losses},
+        "local": {"metrics": evaluate(local.encoder, split), "wall_seconds": local.wall_seconds,
+                  "loss_seconds": local.loss_seconds, "losses": local.losses},
+        "max_rel_loss_diff": max(diffs) if diffs else 0.0,
+        "first_step_rel_loss_diff": diffs[0] if diffs else 0.0,
+        "_embeddings": embed(remote.encoder, test_x),
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    head = ("| loss | run | Recall@1 | MAP@R | wall s | in loss calls s | ms / step in loss |\n"
+            "|---|---|---:|---:|---:|---:|---:|")
+    rows = [head]
+    for r in results:
+        u = r["untrained"]
+        rows.append(f"| {r['label']} | untrained | {100 * u['recall_at_1']:.1f} | {100 * u['map_at_r']:.1f} "
+                    "| | | |")
+        for side in ("remote", "local"):
+            s = r[side]
+            m = s["metrics"]
+            rows.append(f"| {r['label']} | {side} | {100 * m['recall_at_1']:.1f} | {100 * m['map_at_r']:.1f} | "
+                        f"{s['wall_seconds']:.2f} | {s['loss_seconds']:.2f} | "
+                        f"{1000 * s['loss_seconds'] / max(1, r['steps']):.2f} |")
+    lines = ["\n".join(rows), "",
+             "Recall@1 and MAP@R in %, on the test split (leave-one-out, cosine). Remote vs local per-step loss, "
+             "largest relative difference: " + ", ".join(f"{r['label']} {r['max_rel_loss_diff']:.1e}" for r in results)
+             + "."]
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = len(results)
+    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 8.0), squeeze=False)
+    for j, r in enumerate(results):
+        ax = axes[0][j]
+        ax.plot(r["remote"]["losses"], label="remote (embtrain)", lw=1.6)
+        ax.plot(r["local"]["losses"], label="local (in-process)", lw=1.0, ls="--")
+        ax.set_title(r["label"], fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=8)
+        z = r["_embeddings"].to(torch.float64)
+        z = z - z.mean(0)
+        # PCA: the top two right singular vectors of the centred test embeddings.
+        _, _, v = torch.linalg.svd(z, full_matrices=False)
+        xy = (z @ v[:2].T).numpy()
+        ax = axes[1][j]
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
+        rm = r["remote"]["metrics"]
+        ax.set_title(f"test embeddings, PCA (remote)\nRecall@1 {100 * rm['recall_at_1']:.1f}%", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(sc, ax=axes[1].tolist(), ticks=range(10), label="digit", shrink=0.8)
+    fig.suptitle("embtrain digits demo: remote vs in-process loss", fontsize=12)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+
+
+def parse_configs(names: str | None) -> list[LossConfig]:
+    if not names:
+        return list(DEFAULT_CONFIGS)
+    known = {c.loss: c for c in DEFAULT_CONFIGS}
+    out = []
+    for name in names.split(","):
+        name = name.strip()
+        out.append(known.get(name) or LossConfig(name))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--target", help="use a running server (host:port) instead of starting one")
+    p.add_argument("--device", default="cpu", help="device of the started server (cpu, cuda, auto; default cpu)")
+    p.add_argument("--losses", help="comma-separated loss names (default: "
+                   + ", ".join(c.loss for c in DEFAULT_CONFIGS) + ")")
+    p.add_argument("--epochs", type=float, default=15.0, help="passes over the training split (default 15)")
+    p.add_argument("--classes-per-batch", type=int, default=8, help="P (default 8)")
+    p.add_argument("--samples-per-class", type=int, default=8, help="K (default 8)")
+    p.add_argument("--dim", type=int, default=16, help="embedding width (default 16)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(HERE / "out"), help="output folder (default examples/digits/out)")
+    p.add_argument("--no-copy", action="store_true", help="do not copy results.md and digits.png next to this file")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = load_split()
+    batch = args.classes_per_batch * args.samples_per_class
+    steps = max(1, round(args.epochs * len(split.y_train) / batch))
+    configs = parse_configs(args.losses)
+    print(f"digits: {len(split.y_train)} train / {len(split.y_test)} test samples, {steps} steps of "
+          f"{args.classes_per_batch}x{args.samples_per_class}, losses: {', '.join(c.label for c in configs)}")
+
+    started = time.perf_counter()
+    server_cm = contextlib.nullcontext(args.target) if args.target else running_server(args.device, out / "server.log")
+    results = []
+    with server_cm as target, embtrain.Client(target, timeout=60.0) as client:
+        available = {li.name for li in client.losses()}
+        for cfg in configs:
+            if cfg.loss not in available:
+                print(f"  skipping {cfg.loss}: not served by {target}", file=sys.stderr)
+                continue
+            results.append(run_config(client, cfg, split, steps=steps, classes_per_batch=args.classes_per_batch,
+                                      samples_per_class=args.samples_per_class, dim=args.dim, seed=args.seed,
+                                      lr=args.lr, progress=not args.no_progress))
+    total = time.perf_counter() - started
+    if not results:
+        print("no loss could be run", file=sys.stderr)
+        return 1
+
+    table = markdown_table(results)
+    header = (f"Digits demo, {steps} steps of {batch} samples, embedding width {args.dim}; {machine()}; server "
+              f"{args.target or 'started locally on ' + args.device}; total {total:.0f} s.\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    plot(results, split.y_test, out / "digits.png")
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+    (out / "results.json").write_text(json.dumps({
+        "machine": machine(), "steps": steps, "batch": batch, "dim": args.dim, "seed": args.seed,
+        "total_seconds": total, "results": clean}, indent=1))
+    if not args.no_copy:
+        shutil.copyfile(out / "results.md", HERE / "results.md")
+        shutil.copyfile(out / "digits.png", HERE / "digits.png")
+    print()
+    print(table)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'digits.png'} ({total:.0f} s in all)")
+    worst = max(abs(r["remote"]["metrics"]["recall_at_1"] - r["local"]["metrics"]["recall_at_1"]) for r in results)
+    if worst > 0.01:
+        print(f"WARNING: remote and local Recall@1 differ by {100 * worst:.1f} points", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
