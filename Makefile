@@ -37,8 +37,10 @@ proto-check: $(STAMP)
 lint-docker: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
 
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules; installed when missing.
 check-deploy: $(STAMP)
-	bash deploy/check.sh
+	command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || echo "promtool unavailable: structural rule checks only"
+	$(PY) deploy/check.py
 
 test: $(STAMP) proto-check lint-docker check-deploy
 	$(PY) -m pytest -q $(PYTEST_ARGS)

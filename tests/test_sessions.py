@@ -392,11 +392,40 @@ def test_memory_bank_ring_buffer_order() -> None:
         assert torch.equal(view.labels, labels[keep]) and bank.fill == min(4, hi)
 
 
-def test_memory_refused_for_losses_that_do_not_use_it(client: embtrain.Client) -> None:
-    if "pml.ContrastiveLoss" not in {l.name for l in client.losses()}:
-        pytest.fail("the pml extra is part of the test environment")
-    with pytest.raises(embtrain.InvalidArgument, match="config.memory.size"):
-        client.create_session("pml.ContrastiveLoss", {}, memory={"size": 8})
+def test_contrastive_with_memory_pairs_the_batch_with_the_last_rows(client: embtrain.Client) -> None:
+    """Each batch's loss is §E.1 over its own pairs plus every (batch row, memory row) pair, the memory being the
+    last ``size`` rows of the earlier batches; memory rows get no gradient."""
+    s = client.create_session("contrastive", {"margin": 2.0}, memory={"size": 6}, seed=0)
+    seen_x, seen_y = np.zeros((0, 3)), np.zeros((0,), np.int64)
+    for x, y, ids in batches(15, 4, n=4, d=3, classes=2, dtype=np.float64):
+        r = s.compute(x, y, ids=ids)
+        mx, my = torch.from_numpy(seen_x[-6:]), torch.from_numpy(seen_y[-6:])
+        xt, yt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(y)
+        i, j = torch.triu_indices(4, 4, 1)
+        a = torch.cat([xt[i], xt.repeat_interleave(len(mx), 0)])
+        b = torch.cat([xt[j], mx.repeat(4, 1)])
+        same = torch.cat([yt[i] == yt[j], yt.repeat_interleave(len(my)) == my.repeat(4)])
+        sq = (a - b).square().sum(1)
+        per = torch.where(same, 0.5 * sq, 0.5 * (2.0 - sq.clamp_min(1e-12).sqrt()).clamp_min(0).square())
+        ref = per.mean()
+        ref.backward()
+        np.testing.assert_allclose(r.loss, ref.item(), rtol=1e-12)
+        np.testing.assert_allclose(r.gradient, xt.grad.numpy(), rtol=1e-10, atol=1e-14)
+        seen_x, seen_y = np.concatenate([seen_x, x]), np.concatenate([seen_y, y])
+    assert s.info().memory_fill == 6
+
+
+@pytest.mark.parametrize("loss,params", [("island", {"num_classes": 3}), ("weighted_margin_ranking", {}),
+                                         ("pml.ContrastiveLoss", {})])
+def test_memory_refused_for_losses_that_do_not_use_it(client: embtrain.Client, loss: str,
+                                                      params: dict[str, Any]) -> None:
+    with pytest.raises(embtrain.InvalidArgument, match="config.memory.size: loss .* does not use"):
+        client.create_session(loss, params, memory={"size": 8})
+
+
+def test_initial_state_refused_for_stateless_losses(client: embtrain.Client) -> None:
+    with pytest.raises(embtrain.InvalidArgument, match="config.initial_state.initial_centers"):
+        client.create_session("contrastive", {}, initial_state={"initial_centers": np.zeros((2, 3))})
 
 
 # ---- Embed and ExportModel -----------------------------------------------------------------------------------
@@ -766,3 +795,54 @@ def test_create_session_rejects_bad_configuration(client: embtrain.Client, kwarg
     with pytest.raises(embtrain.InvalidArgument, match=field.replace("[", r"\[").replace("]", r"\]")):
         client.create_session("contrastive", {}, **kwargs)
     assert len(client.list_sessions()) == n_before
+
+
+# ---- the same on a CUDA device --------------------------------------------------------------------------------
+
+CUDA_CASES = {
+    "batch_hard_mlp_dropout_adam_memory": ("batch_hard_triplet", {"margin": 0.5}, dict(
+        head=[{"type": "linear", "out_dim": 8}, {"type": "mlp", "hidden": [6], "dropout": 0.3, "out_dim": 4}],
+        optimizer={"type": "adam", "lr": 0.01, "warmup_steps": 2, "schedule": "cosine", "total_steps": 5},
+        memory={"size": 12}, seed=7)),
+    "island_sgd_centres": RESUME_CASES["island_sgd_centres_momentum"],
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_session_on_cuda_resumes_and_matches_cpu(client: embtrain.Client, make_server: Callable[..., ServerHandle],
+                                                 tmp_path: pathlib.Path, case: str) -> None:
+    """A session computing on the GPU (head, optimiser state and memory on the device, dropout masks from the
+    CPU generator) trains like the CPU one, survives a restart, and exports a head that matches its Embed."""
+    loss, params, kwargs = CUDA_CASES[case]
+    k = 3
+    data = batches(16, 2 * k, n=8, d=5)
+    on_cpu = client.create_session(loss, params, **kwargs)
+    cpu_results = [on_cpu.compute(x, y, ids=ids) for x, y, ids in data]
+
+    first = make_server(device="cuda", persist=True, state_dir=str(tmp_path), checkpoint_every_steps=0)
+    with first.client() as c:
+        s = c.create_session(loss, params, **kwargs)
+        for x, y, ids in data[:k]:
+            s.compute(x, y, ids=ids)
+    first.stop()
+    second = make_server(device="cuda", persist=True, state_dir=str(tmp_path), checkpoint_every_steps=0)
+    with second.client() as c:
+        resumed = c.get_session(s.id)
+        info = resumed.info()
+        assert info.step == k and info.device.startswith("cuda")
+        for t, (x, y, ids) in enumerate(data[k:], start=k):
+            r = resumed.compute(x, y, ids=ids)
+            np.testing.assert_allclose(r.loss, cpu_results[t].loss, rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
+            np.testing.assert_allclose(r.gradient, cpu_results[t].gradient, rtol=1e-3, atol=1e-5)
+            if cpu_results[t].triplet_ids is not None:
+                np.testing.assert_array_equal(r.triplet_ids, cpu_results[t].triplet_ids)
+        gpu_w, cpu_w = weights(resumed), weights(on_cpu)
+        for name in cpu_w:
+            np.testing.assert_allclose(gpu_w[name].numpy(), cpu_w[name].numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
+        assert resumed.info().memory_fill == on_cpu.info().memory_fill
+        x = data[0][0]
+        with torch.no_grad():
+            local = et.load_head(resumed.export_model())(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(resumed.embed(x), local, rtol=1e-5, atol=1e-6)

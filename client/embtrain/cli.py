@@ -18,21 +18,28 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="embtrain", description="embtrain client")
-    p.add_argument("--target", default=os.environ.get("EMBTRAIN_TARGET", "127.0.0.1:50051"),
-                   help="server address (env EMBTRAIN_TARGET; default 127.0.0.1:50051)")
-    p.add_argument("--token", default=None, help="bearer token (default: env EMBTRAIN_TOKEN)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
-    p.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
+    # The connection options are accepted before or after the subcommand (`embtrain health --target ...`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=argparse.SUPPRESS,
+                        help="server address (env EMBTRAIN_TARGET; default 127.0.0.1:50051)")
+    common.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (default: env EMBTRAIN_TOKEN)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per call (default 10)")
+    common.add_argument("--tls", action="store_true", default=argparse.SUPPRESS, help="connect with TLS")
+    common.add_argument("--tls-ca", default=argparse.SUPPRESS, help="PEM file of the CA of the server's certificate")
+    p = argparse.ArgumentParser(prog="embtrain", description="embtrain client", parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
-    h = sub.add_parser("health", help="check the server's health service; exit 0 when SERVING")
+    h = sub.add_parser("health", parents=[common], help="check the server's health service; exit 0 when SERVING")
     h.add_argument("--service", default="", help="service name (default: the whole server)")
-    ls = sub.add_parser("losses", help="list the losses with their inputs and parameters")
+    ls = sub.add_parser("losses", parents=[common], help="list the losses with their inputs and parameters")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("name", nargs="?", help="show one loss")
-    sub.add_parser("sessions", help="list your sessions")
+    sub.add_parser("sessions", parents=[common], help="list your sessions")
     args = p.parse_args(argv)
+    defaults = {"target": os.environ.get("EMBTRAIN_TARGET", "127.0.0.1:50051"), "token": None, "timeout": 10.0,
+                "tls": False, "tls_ca": None}
+    for key, value in defaults.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
     try:
         with _client(args) as client:
             if args.command == "health":

@@ -168,7 +168,7 @@ def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.
     import matplotlib.pyplot as plt
 
     cols = len(results)
-    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 8.0), squeeze=False)
+    fig, axes = plt.subplots(2, cols, figsize=(4.0 * cols, 7.6), squeeze=False, layout="constrained")
     for j, r in enumerate(results):
         ax = axes[0][j]
         ax.plot(r["remote"]["losses"], label="remote (embtrain)", lw=1.6)
@@ -177,7 +177,8 @@ def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=8)
-        z = r["_embeddings"].to(torch.float64)
+        # PCA of the L2-normalised embeddings: the space the metrics rank in (cosine).
+        z = torch.nn.functional.normalize(r["_embeddings"].to(torch.float64), dim=1)
         z = z - z.mean(0)
         # PCA: the top two right singular vectors of the centred test embeddings.
         _, _, v = torch.linalg.svd(z, full_matrices=False)
@@ -188,7 +189,7 @@ def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.
         ax.set_title(f"test embeddings, PCA (remote)\nRecall@1 {100 * rm['recall_at_1']:.1f}%", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(sc, ax=axes[1].tolist(), ticks=range(10), label="digit", shrink=0.8)
+    fig.colorbar(sc, ax=axes[1].tolist(), ticks=range(10), label="digit", shrink=0.9)
     fig.suptitle("embtrain digits demo: remote vs in-process loss", fontsize=12)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -229,7 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split = load_split()

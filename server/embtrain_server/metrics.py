@@ -3,6 +3,7 @@ They observe the edges: the servicer records requests, latency and bytes; the se
 
 from __future__ import annotations
 
+import os
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -39,6 +40,8 @@ class Metrics:
         self.open_sessions = Gauge("embtrain_open_sessions", "Sessions held by this server", registry=r)
         self.open_streams = Gauge("embtrain_open_streams", "ComputeStream calls in progress", registry=r)
         self.checkpoints = Counter("embtrain_checkpoints", "Checkpoint writes, by result", ["result"], registry=r)
+        for result in ("ok", "error"):  # both series exist from the start, so increase() sees the first error
+            self.checkpoints.labels(result)
         dev = str(device)
         self.device_memory = Gauge("embtrain_device_memory_bytes", "Device memory in use (CPU: process RSS)",
                                    ["device"], registry=r)
@@ -53,7 +56,6 @@ class Metrics:
             return float(torch.cuda.memory_allocated(self.device))
         try:
             with open("/proc/self/statm") as f:
-                import os
                 return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
         except OSError:
             return 0.0
@@ -61,7 +63,6 @@ class Metrics:
     def _memory_total(self) -> float:
         if self.device.type == "cuda":
             return float(torch.cuda.get_device_properties(self.device).total_memory)
-        import os
         return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     def observe_compute(self, loss: str, seconds: float, n: int, stats: dict[str, float], active: int) -> None:

@@ -218,7 +218,11 @@ class Service:
         for name, t in initial.items():
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 raise invalid(f"config.initial_state.{name}", "every entry must be finite")
-        check = getattr(losses.get(spec.loss), "check_initial_state", None)
+        loss_cls = losses.get(spec.loss)
+        if initial and not loss_cls.stateful:
+            raise invalid(f"config.initial_state.{next(iter(initial))}",
+                          f"loss {spec.loss!r} keeps no state, so there is nothing to initialise")
+        check = getattr(loss_cls, "check_initial_state", None)
         if check is not None:
             check(spec.params, initial)
         session = self.store.create(spec, principal, initial)

@@ -38,12 +38,18 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {"type": "adam", "lr": 1e-3}
 CHECKPOINT_VERSION = 1
 
 
+# The losses that read ``ctx.memory``, for losses that do not declare ``uses_memory`` themselves. A stopgap: a
+# ``uses_memory`` class attribute on each loss (default False in the base class) would keep this in the loss files.
+_MEMORY_LOSSES = frozenset({"contrastive", "multi_similarity", "batch_hard_triplet", "batch_all_triplet",
+                            "triplet_margin"})
+
+
 def uses_memory(cls: type[losses.Loss]) -> bool:
-    """Whether a loss reads the cross-batch memory. A loss may declare ``uses_memory``; PML losses refuse it."""
+    """Whether a loss reads the cross-batch memory (a memory for any other loss would be filled and ignored)."""
     declared = getattr(cls, "uses_memory", None)
     if declared is not None:
         return bool(declared)
-    return cls.family != "pml"
+    return cls.name in _MEMORY_LOSSES
 
 
 @dataclass(frozen=True)
