@@ -15,7 +15,8 @@ larger sizes of the same implementation are skipped. The native losses are looke
 name, so the benchmark runs with whichever of them exist.
 
     python bench/losses.py [--device cpu|cuda] [--sizes 256,1024,4096,8192,16384] [--dims 128,512]
-                           [--repeats 5] [--timeout 600] [--mem-limit-gb 8] [--only batch_hard_triplet,...]
+                           [--repeats 5] [--timeout 600] [--mem-limit-gb 8] [--threads N]
+                           [--only batch_hard_triplet,...] [--no-pml]
                            [--out results.json] [--markdown table.md]
 
 Targets (CPU, n=4096, d=128/512): batch_all_triplet and triplet_margin[semihard] >= 20x faster than PML's
@@ -152,6 +153,8 @@ def _pml_step(case: Case, x, labels):  # type: ignore[no-untyped-def]
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     case = Case(**spec["case"])
     n, d = spec["n"], spec["d"]
@@ -204,6 +207,8 @@ def _worker_main(spec_json: str) -> None:
 
 def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_ARENA_MAX="2")  # glibc arenas would otherwise eat the address-space limit
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -241,7 +246,8 @@ def _fmt_mem(r: dict[str, Any] | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"Device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, float32, "
+    lines = [f"Device: {meta['device']} ({meta['device_name']}, {meta['threads']} torch threads), "
+             f"torch {meta['torch']}, float32, "
              f"median of {meta['repeats']} forward+backward calls; memory = peak above the level before the first "
              f"call ({'RSS' if meta['device'] == 'cpu' else 'CUDA allocator'}), MiB.", "",
              "| loss | n | d | native ms | native MiB | PML ms | PML MiB | speedup |",
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     ap.add_argument("--mem-limit-gb", type=float, default=8.0, help="address-space headroom per process (CPU)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads per process (default: torch's); 1 gives stable figures on a busy machine")
     ap.add_argument("--only", default="", help="comma-separated case labels (default: all)")
     ap.add_argument("--no-pml", action="store_true", help="native losses only")
     ap.add_argument("--out", default="")
@@ -295,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                    else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     meta = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
             "repeats": args.repeats, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "mem_limit_gb": args.mem_limit_gb, "timeout_s": args.timeout, "missing_native": missing}
+            "mem_limit_gb": args.mem_limit_gb, "timeout_s": args.timeout, "missing_native": missing,
+            "threads": args.threads or torch.get_num_threads()}
     rows: list[dict[str, Any]] = []
     for case in cases:
         for d in dims:
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         row[impl] = {"status": f"skipped ({failed[impl]})"}
                         continue
                     spec = {"case": asdict(case), "impl": impl, "n": n, "d": d, "device": args.device,
-                            "repeats": args.repeats, "mem_limit_gb": args.mem_limit_gb}
+                            "repeats": args.repeats, "mem_limit_gb": args.mem_limit_gb, "threads": args.threads}
                     res = run_one(spec, args.timeout)
                     row[impl] = res
                     if res["status"] != "ok":

@@ -49,6 +49,7 @@ import grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ECHO_SERVICE = "embtrain.bench.Echo"
+REFERENCE = "reference: one copy of the embeddings into new bytes (ndarray.tobytes)"
 MB = 1024 * 1024
 
 
@@ -418,20 +419,32 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     parsed_resp = pb.ComputeResponse.FromString(wire_resp)
     dec = sdk._Decoder(x)
 
+    grad = result.gradients["embeddings"]
+    tensor = codec.encode(x, "inputs.embeddings")
+    resp_tensor = parsed_resp.gradients["embeddings"]
+
+    def copy_from() -> None:
+        pb.ComputeRequest().inputs["embeddings"].CopyFrom(tensor)
+
     stages: dict[str, Callable[[], Any]] = {
-        "memcpy of the embeddings (reference)": lambda: np.copy(arr),
-        "client: encode tensors + build request": build,
+        REFERENCE: lambda: arr.tobytes(),
+        "client: codec.encode(embeddings)": lambda: codec.encode(x, "inputs.embeddings"),
+        "client: inputs[k].CopyFrom(tensor)": copy_from,
+        "client: whole request build (_request)": build,
         "client: SerializeToString": lambda: req.SerializeToString(),
         "server: FromString (parse)": lambda: pb.ComputeRequest.FromString(wire_req),
-        "server: decode tensors (.data + frombuffer)": lambda: decode_inputs(parsed.inputs),
-        "server: validate (dtype, finite, shapes)": lambda: compute.validate_inputs(
+        "server: decode_inputs (.data + frombuffer)": lambda: decode_inputs(parsed.inputs),
+        "server: validate_inputs (dtype, finite, shapes)": lambda: compute.validate_inputs(
             type(local.loss), raw, max_batch_elements=1 << 40),
-        "server: compute (= in-process)": lambda: local(inputs),
-        "server: encode result": lambda: service.encode_result("id", result, 0),
+        "server: torch.isfinite(x).all() alone": lambda: bool(torch.isfinite(raw["embeddings"]).all()),
+        "server: compute.run (= in-process)": lambda: local(inputs),
+        "server: codec.encode(gradient)": lambda: codec.encode(grad, "gradients.embeddings"),
+        "server: encode_result (whole)": lambda: service.encode_result("id", result, 0),
         "server: SerializeToString": lambda: resp.SerializeToString(),
         "client: FromString (parse)": lambda: pb.ComputeResponse.FromString(wire_resp),
-        "client: decode result (.data + frombuffer + clone)": lambda: sdk._result(parsed_resp, dec),
-        "whole service.compute (decode..encode)": lambda: service.compute(parsed, "bench"),
+        "client: gradient Tensor.data": lambda: resp_tensor.data,
+        "client: _result (decode + clone)": lambda: sdk._result(parsed_resp, dec),
+        "server: whole Service.compute": lambda: service.compute(parsed, "bench"),
     }
     for fn in stages.values():
         fn()
@@ -440,7 +453,7 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
         for k, fn in stages.items():
             times[k].append(timed(fn))
     ms = {k: median_ms(v) for k, v in times.items()}
-    copy_ms = ms["memcpy of the embeddings (reference)"]
+    copy_ms = ms[REFERENCE]
     # Copy counts by identity, not timing: does decoding hand out views of one buffer, or new bytes each time?
     t = parsed.inputs["embeddings"]
     data_access_copies = t.data is not t.data
@@ -591,10 +604,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight per stream")
     p.add_argument("--workers", type=int, default=4, help="the embtrain server's --workers")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--from-json", help="measure nothing: render this earlier result (with --markdown to store it)")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/transport-<device>.json)")
     p.add_argument("--markdown", nargs="?", const=str(ROOT / "bench" / "README.md"), default=None,
                    help="write the tables into this markdown file (default bench/README.md) between markers")
     args = p.parse_args(argv)
+
+    if args.from_json:
+        result = json.loads(pathlib.Path(args.from_json).read_text())
+        text = render(result)
+        print(text)
+        if args.markdown:
+            tag = "cuda" if "gpu" in result["machine"] else "cpu"
+            write_markdown(pathlib.Path(args.markdown), f"transport-{tag}", text)
+            print(f"\nupdated {args.markdown}")
+        return 0
 
     import torch
 
@@ -631,7 +655,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    args.in_flight)
     if not args.no_profile:
         result["profile"] = profile(loss, params, args.device, 1024, 512, "float32", max(args.repeats, 15))
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     text = render(result)

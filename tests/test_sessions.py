@@ -800,10 +800,12 @@ def test_create_session_rejects_bad_configuration(client: embtrain.Client, kwarg
 # ---- the same on a CUDA device --------------------------------------------------------------------------------
 
 CUDA_CASES = {
-    "batch_hard_mlp_dropout_adam_memory": ("batch_hard_triplet", {"margin": 0.5}, dict(
+    "batch_hard_mlp_dropout_sgd_memory": ("batch_hard_triplet", {"margin": 0.5}, dict(
         head=[{"type": "linear", "out_dim": 8}, {"type": "mlp", "hidden": [6], "dropout": 0.3, "out_dim": 4}],
-        optimizer={"type": "adam", "lr": 0.01, "warmup_steps": 2, "schedule": "cosine", "total_steps": 5},
+        optimizer={"type": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "warmup_steps": 2,
+                   "schedule": "cosine", "total_steps": 5},
         memory={"size": 12}, seed=7)),
+    "contrastive_adam_memory": RESUME_CASES["mlp_dropout_adam_cosine_memory"],
     "island_sgd_centres": RESUME_CASES["island_sgd_centres_momentum"],
 }
 
@@ -814,7 +816,9 @@ CUDA_CASES = {
 def test_session_on_cuda_resumes_and_matches_cpu(client: embtrain.Client, make_server: Callable[..., ServerHandle],
                                                  tmp_path: pathlib.Path, case: str) -> None:
     """A session computing on the GPU (head, optimiser state and memory on the device, dropout masks from the
-    CPU generator) trains like the CPU one, survives a restart, and exports a head that matches its Embed."""
+    CPU generator) survives a restart as if uninterrupted, trains like the CPU one, and exports a head that
+    matches its Embed. (Against the CPU only with SGD: Adam turns rounding-level gradients, such as a last bias
+    that a distance-based loss cannot see, into full-size steps, so CPU and GPU Adam runs drift apart.)"""
     loss, params, kwargs = CUDA_CASES[case]
     k = 3
     data = batches(16, 2 * k, n=8, d=5)
@@ -823,25 +827,34 @@ def test_session_on_cuda_resumes_and_matches_cpu(client: embtrain.Client, make_s
 
     first = make_server(device="cuda", persist=True, state_dir=str(tmp_path), checkpoint_every_steps=0)
     with first.client() as c:
+        uninterrupted = c.create_session(loss, params, **kwargs)
+        ref = [uninterrupted.compute(x, y, ids=ids) for x, y, ids in data]
+        ref_weights, ref_info = weights(uninterrupted), uninterrupted.info()
         s = c.create_session(loss, params, **kwargs)
         for x, y, ids in data[:k]:
             s.compute(x, y, ids=ids)
     first.stop()
     second = make_server(device="cuda", persist=True, state_dir=str(tmp_path), checkpoint_every_steps=0)
+    against_cpu = kwargs["optimizer"]["type"] == "sgd"
     with second.client() as c:
         resumed = c.get_session(s.id)
         info = resumed.info()
         assert info.step == k and info.device.startswith("cuda")
         for t, (x, y, ids) in enumerate(data[k:], start=k):
             r = resumed.compute(x, y, ids=ids)
-            np.testing.assert_allclose(r.loss, cpu_results[t].loss, rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
-            np.testing.assert_allclose(r.gradient, cpu_results[t].gradient, rtol=1e-3, atol=1e-5)
-            if cpu_results[t].triplet_ids is not None:
-                np.testing.assert_array_equal(r.triplet_ids, cpu_results[t].triplet_ids)
-        gpu_w, cpu_w = weights(resumed), weights(on_cpu)
-        for name in cpu_w:
-            np.testing.assert_allclose(gpu_w[name].numpy(), cpu_w[name].numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
-        assert resumed.info().memory_fill == on_cpu.info().memory_fill
+            np.testing.assert_allclose(r.loss, ref[t].loss, rtol=1e-6, err_msg=f"step {t}")
+            np.testing.assert_allclose(r.gradient, ref[t].gradient, rtol=1e-5, atol=1e-7)
+            if against_cpu:
+                np.testing.assert_allclose(r.loss, cpu_results[t].loss, rtol=1e-5, err_msg=f"step {t}")
+                np.testing.assert_allclose(r.gradient, cpu_results[t].gradient, rtol=1e-4, atol=1e-6)
+                if cpu_results[t].triplet_ids is not None:
+                    np.testing.assert_array_equal(r.triplet_ids, cpu_results[t].triplet_ids)
+        w = weights(resumed)
+        for name in ref_weights:
+            np.testing.assert_allclose(w[name].numpy(), ref_weights[name].numpy(), rtol=1e-5, atol=1e-7)
+            if against_cpu:
+                np.testing.assert_allclose(w[name].numpy(), weights(on_cpu)[name].numpy(), rtol=1e-4, atol=1e-6)
+        assert resumed.info().memory_fill == ref_info.memory_fill == on_cpu.info().memory_fill
         x = data[0][0]
         with torch.no_grad():
             local = et.load_head(resumed.export_model())(torch.from_numpy(x)).numpy()

@@ -119,6 +119,18 @@ def _check_finite(loss_name: str, what: str, t: torch.Tensor) -> None:
                       "example at duplicate embeddings or overflow in the input's dtype); nothing was applied")
 
 
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device or host allocation failure: ``torch.OutOfMemoryError`` (CUDA's caching allocator), and
+    the plain ``RuntimeError`` that the CPU allocator and CUDA library calls raise (torch gives them no type)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MARKERS)
+
+
 def head_dtype(head: torch.nn.Module) -> torch.dtype:
     """Heads keep float32 parameters; their input is cast to that dtype (the cast is differentiable, so the
     gradient still comes back in the input's dtype)."""

@@ -144,7 +144,9 @@ class Service:
                 self.prepare_stateless(loss, inputs)
                 result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
                                      options=options, training=False)
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
+            if not compute.is_out_of_memory(exc):
+                raise
             _free(self.device)
             raise ResourceExhausted("inputs.embeddings: the device ran out of memory computing this batch; "
                                     "send smaller batches", field="inputs.embeddings") from None
@@ -256,13 +258,17 @@ class Service:
         mine, corrupt = self.store.list(principal)
         resp = pb.ListSessionsResponse(sessions=[self.session_info(s) for s in mine])
         for c in corrupt:
-            resp.sessions.add(session_id=c.id, status="corrupt", status_message=f"{c.reason}; moved to {c.path}",
+            where = "moved to" if c.status == "corrupt" else "kept at"
+            resp.sessions.add(session_id=c.id, status=c.status, status_message=f"{c.reason}; {where} {c.path}",
                               last_checkpoint_step=-1)
         return resp
 
     def close_session(self, req: pb.CloseSessionRequest, principal: str) -> pb.CloseSessionResponse:
         session = self.store.get(req.session_id, principal)
-        if req.keep_checkpoint and self.store.state_dir is not None:
+        if req.keep_checkpoint:
+            if self.store.state_dir is None:
+                raise FailedPrecondition("keep_checkpoint: the server runs without a state_dir (persist: false); "
+                                         "nothing can be kept", field="keep_checkpoint")
             self.checkpoint(session)
         info = self.session_info(session)
         self.store.remove(req.session_id, principal, keep_checkpoint=req.keep_checkpoint)
@@ -297,7 +303,9 @@ class Service:
         session.check_width(int(x.shape[1]), "embeddings")
         try:
             out = session.embed(x)
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:
+            if not compute.is_out_of_memory(exc):
+                raise
             _free(self.device)
             raise ResourceExhausted("embeddings: the device ran out of memory; send smaller batches",
                                     field="embeddings") from None

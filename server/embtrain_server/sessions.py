@@ -363,10 +363,13 @@ class Session:
 
 @dataclass
 class CorruptEntry:
+    """A checkpoint that did not load: ``corrupt`` (moved aside) or ``unavailable`` (kept; e.g. a missing extra)."""
+
     id: str
     owner: str | None
     path: str
     reason: str
+    status: str = "corrupt"
 
 
 class SessionStore:
@@ -467,6 +470,14 @@ class SessionStore:
                 sess = Session.from_checkpoint(record, tensors, self.device)
                 sess.last_checkpoint_step = sess.step
                 sess.last_checkpoint_time = float(record.get("saved_time", 0.0))
+            except FailedPrecondition as exc:
+                # Intact, but its loss needs an extra this server lacks: keep the file so that it loads once the
+                # extra is installed, and report it.
+                log.error("checkpoint %s not loaded: %s", path, exc.message)
+                self._corrupt[sid] = CorruptEntry(sid, checkpoint.peek_owner(data), str(path), exc.message,
+                                                  status="unavailable")
+                bad += 1
+                continue
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
                 reason = str(exc) if isinstance(exc, checkpoint.CorruptCheckpoint) else f"{type(exc).__name__}: {exc}"
                 moved = checkpoint.move_aside(path)

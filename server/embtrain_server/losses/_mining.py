@@ -210,24 +210,46 @@ def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Te
         del pos
         buckets = _ThresholdBuckets(a_loc, e - s, d[a_loc, p])
         d_neg = d.masked_fill(same, _INF)
-        b = torch.searchsorted(buckets.sorted, d_neg, right=False)  # positives strictly closer than each candidate
+        b = _bucketize(buckets.sorted, d_neg, right=False)  # positives strictly closer than each candidate
         nb = buckets.sorted.shape[1] + 1
         bmin = torch.full((e - s, nb), _INF, dtype=d.dtype, device=d.device).scatter_reduce_(
             1, b, d_neg, "amin")
-        # lowest index among the negatives that attain their bucket's minimum (equal distances share a bucket)
-        at_min = (d_neg == bmin.gather(1, b)) & ~same
+        # Lowest index among the entries at their bucket's minimum (equal distances share a bucket). A bucket
+        # without negatives has minimum +inf and is never chosen, so the other-label rows need no mask here.
         index = torch.arange(c.m, device=d.device).expand_as(b)
+        at_min = torch.where(d_neg == bmin.gather(1, b), index, c.m)
         bidx = torch.full((e - s, nb), c.m, dtype=torch.int64, device=d.device).scatter_reduce_(
-            1, b, torch.where(at_min, index, c.m), "amin")
-        del at_min, index, b
+            1, b, at_min, "amin")
+        del at_min, index, b, d_neg
         suffix_val, suffix_pos = torch.cummin(bmin.flip(1), dim=1)
         col = nb - 1 - buckets.position  # flipped column of bucket `position` (= sorted rank + 1)
-        best_bucket = nb - 1 - suffix_pos[a_loc, col]
-        semi = bidx[a_loc, best_bucket]
-        farthest = d.masked_fill(same, -_INF).argmax(1)  # fallback; first maximum = lowest index
-        found = suffix_val[a_loc, col] < _INF
-        out.append((a_loc + s, p, torch.where(found, semi, farthest[a_loc])))
+        n_star = bidx[a_loc, nb - 1 - suffix_pos[a_loc, col]]
+        fallback = (suffix_val[a_loc, col] == _INF).nonzero(as_tuple=True)[0]
+        if fallback.numel():
+            # no negative beyond d(a,p): the farthest negative; argmax returns the first maximum = lowest index
+            rows, inv = torch.unique(a_loc[fallback], return_inverse=True)
+            farthest = d[rows].masked_fill(same[rows], -_INF).argmax(1)
+            n_star[fallback] = farthest[inv]
+        out.append((a_loc + s, p, n_star))
     return _cat3(out, c.x.device)
+
+
+def _bucketize(sorted_thr: Tensor, values: Tensor, right: bool) -> Tensor:
+    """Per row, how many thresholds are below each value (``<=`` if ``right``, else ``<``): ``[B, m]`` int64.
+
+    For the few thresholds of a PK batch, kmax fused compare-and-add passes beat a batched binary search
+    (torch's per-row ``searchsorted`` costs tens of ns per element on CPU); many thresholds use the search.
+    """
+    kmax = sorted_thr.shape[1]
+    if kmax > 32:
+        return torch.searchsorted(sorted_thr, values, right=right)
+    count = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    hit = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+    compare = torch.ge if right else torch.gt
+    for k in range(kmax):
+        compare(values, sorted_thr[:, k:k + 1], out=hit)
+        count += hit.view(torch.uint8)  # a bool is a 0/1 byte: no conversion pass
+    return count.to(torch.int64)
 
 
 class _ThresholdBuckets:
@@ -352,22 +374,24 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
         a_loc, p = pos.nonzero(as_tuple=True)
         del pos
         d_neg = d.masked_fill(same, _INF)
-        coef = torch.zeros_like(d)
         npos_b = c.npos[s:e].to(torch.float64)
         nneg_b = c.nneg[s:e]
         d_ap = d[a_loc, p]
         sum_dap += (d_ap.to(torch.float64) * nneg_b[a_loc]).sum()
         if bucket_path:
-            sum_dan += (d.masked_fill(same, 0).sum(1, dtype=torch.float64) * npos_b).sum()
             thr = d_ap + margin
             buckets = _ThresholdBuckets(a_loc, e - s, thr)
             # active (a,p,n) <=> D_an < margin + D_ap. Bucket b(n) = #thresholds <= D_an: the k-th smallest
             # threshold is beaten by the negatives with b < k; negative n beats count - b(n) thresholds.
-            b = torch.searchsorted(buckets.sorted, d_neg, right=True)
+            b = _bucketize(buckets.sorted, d_neg, right=True)
             nb = buckets.sorted.shape[1] + 1
             hist = torch.zeros(e - s, nb, dtype=torch.float64, device=dev)
-            cum_cnt = hist.scatter_add(1, b, torch.ones_like(d_neg, dtype=torch.float64)).cumsum_(1)
-            cum_sum = hist.scatter_add_(1, b, d_neg.to(torch.float64)).cumsum_(1)  # +inf only past the last rank
+            one = torch.ones((), dtype=torch.float64, device=dev).expand(b.shape)
+            cum_cnt = hist.scatter_add(1, b, one).cumsum_(1)
+            neg64 = d.to(torch.float64).masked_fill_(same, 0.0)  # other-label rows weigh 0 (and sit in the last bucket)
+            cum_sum = hist.scatter_add_(1, b, neg64).cumsum_(1)
+            del neg64
+            sum_dan += (cum_sum[:, -1] * npos_b).sum()
             cnt = cum_cnt[a_loc, buckets.position - 1]
             pair_loss = cnt * thr.to(torch.float64) - cum_sum[a_loc, buckets.position - 1]
             del hist, cum_cnt, cum_sum
@@ -376,10 +400,9 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
                 per_anchor.index_add_(0, a_loc + s, pair_loss)
             cnt = cnt.to(torch.int64)
             active += cnt.sum()
-            beaten = (buckets.count[:, None] - b).to(dt)
-            coef = torch.where(same, coef, beaten.neg_())
+            coef = (b - buckets.count[:, None].to(dt)).masked_fill_(same, 0.0)  # -(count - b) on the negatives
             coef[a_loc, p] = cnt.to(dt)
-            del b, beaten, same
+            del b, same
             if sink.room > 0:
                 _list_sorted(sink, d_neg, a_loc, p, thr, cnt, s)
             else:
@@ -387,6 +410,7 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
         else:
             sum_dan += (d.masked_fill(same, 0).sum(1, dtype=torch.float64) * npos_b).sum()
             del same
+            coef = torch.zeros_like(d)
             if swap:
                 p_uniq, p_inv = torch.unique(p, return_inverse=True)
                 d_p, aux_p = dist.matrix(c.r[p_uniq], c.r)
