@@ -119,12 +119,13 @@ def echo_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterator[str]:
+def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterator[tuple[str, str]]:
+    """An ``embtrain-server`` subprocess; yields its target and its metrics URL."""
     import embtrain
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "0", "--no-persist", "--device", device, "--drain-seconds", "2",
+           "--metrics-port", str(metrics_port), "--no-persist", "--device", device, "--drain-seconds", "2",
            "--workers", str(workers), "--log-level", "WARNING"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -142,7 +143,7 @@ def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterat
                     if time.monotonic() > deadline:
                         raise RuntimeError("embtrain-server did not become SERVING in 120 s")
                     time.sleep(0.2)
-            yield target
+            yield target, f"http://127.0.0.1:{metrics_port}/metrics"
         finally:
             _stop(proc)
 
@@ -200,6 +201,27 @@ def channel_options() -> list[tuple[str, Any]]:
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]
 
 
+def server_seconds(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the server's Compute handler time and compute time, from its Prometheus endpoint."""
+    import urllib.request
+
+    out: dict[str, tuple[float, float]] = {}
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    for key, prefix in (("handler", 'embtrain_request_duration_seconds_{}{{method="Compute"}}'),
+                        ("compute", "embtrain_compute_duration_seconds_{}{{loss=")):
+        vals = {}
+        for part in ("sum", "count"):
+            head = prefix.format(part)
+            vals[part] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(head))
+        out[key] = (vals["sum"], vals["count"])
+    return out
+
+
+def _mean_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], key: str) -> float:
+    ds, dc = after[key][0] - before[key][0], after[key][1] - before[key][1]
+    return 1000.0 * ds / dc if dc else float("nan")
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
@@ -213,8 +235,8 @@ def median_ms(xs: Sequence[float]) -> float:
 # ---- unary ---------------------------------------------------------------------------------------------------
 
 
-def bench_unary(client: Any, echo: grpc.Channel, loss: str, params: dict[str, Any], device: str, n: int, d: int,
-                dtype: str, warmup: int, repeats: int) -> dict[str, Any]:
+def bench_unary(client: Any, echo: grpc.Channel, metrics_url: str, loss: str, params: dict[str, Any], device: str,
+                n: int, d: int, dtype: str, warmup: int, repeats: int) -> dict[str, Any]:
     from embtrain.v1 import embtrain_pb2 as pb
 
     x, y = make_batch(n, d, dtype)
@@ -239,15 +261,21 @@ def bench_unary(client: Any, echo: grpc.Channel, loss: str, params: dict[str, An
         for fn in runs.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
+    before = server_seconds(metrics_url)
     for _ in range(repeats):
         for k, fn in runs.items():  # interleaved: background noise hits all three alike
             times[k].append(timed(fn))
+    after = server_seconds(metrics_url)
     med = {k: median_ms(v) for k, v in times.items()}
     budget = med["inprocess"] + 1.25 * med["echo"]
     return {
         "n": n, "d": d, "dtype": dtype, "request_bytes": len(req_bytes), "response_bytes": resp_size,
         "inprocess_ms": med["inprocess"], "compute_ms": med["compute"], "echo_ms": med["echo"],
         "overhead_ms": med["compute"] - med["inprocess"],
+        # Means from the server's own metrics: the handler (decode .. encode, after parsing, before serialising)
+        # and the compute inside it.
+        "server_handler_ms": _mean_ms(before, after, "handler"),
+        "server_compute_ms": _mean_ms(before, after, "compute"),
         "overhead_over_echo": (med["compute"] - med["inprocess"]) / med["echo"],
         "target_ms": budget, "meets_target": med["compute"] <= budget,
         "samples_ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()},
@@ -478,7 +506,11 @@ def machine(device: str) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    try:
+        cores = len(os.sched_getaffinity(0))  # what this process may use (taskset), not what the host has
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count()
+    info = {"cpu": cpu, "cores": cores, "host_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "grpcio": grpc.__version__, "numpy": np.__version__, "device": device,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     with contextlib.suppress(Exception):
@@ -494,6 +526,11 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+def _cores(m: dict[str, Any]) -> str:
+    host = m.get("host_cores")
+    return f"{m['cores']} cores" + (f" (pinned; the host has {host})" if host and host != m["cores"] else "")
+
+
 def _size(b: int) -> str:
     return f"{b / MB:.2f} MB" if b >= MB / 10 else f"{b / 1024:.0f} KB"
 
@@ -504,7 +541,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"### Transport on {where}",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; device `{m['device']}`{' = ' + m['gpu'] if 'gpu' in m else ''}; "
+        f"Machine: {m['cpu']}, {_cores(m)}; device `{m['device']}`{' = ' + m['gpu'] if 'gpu' in m else ''}; "
         f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m.get('protobuf', '?')}; "
         f"{m['date']}; load average at start {', '.join(f'{v:.1f}' for v in m.get('load_average', ()))}. "
         f"Loss `{result['loss']}` {json.dumps(result['params'])}; medians of {result['repeats']} after "
@@ -512,13 +549,14 @@ def render(result: dict[str, Any]) -> str:
         "",
         "**Unary `Compute` round trip** (ms). Target: Compute <= in-process + 1.25 x echo.",
         "",
-        "| n | d | dtype | request | response | in-process | Compute | echo | overhead (Compute - in-process) "
-        "| overhead / echo | target | met |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| n | d | dtype | request | response | in-process | Compute | server handler | server compute | echo "
+        "| overhead (Compute - in-process) | overhead / echo | target | met |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in result["unary"]:
         lines.append(f"| {r['n']} | {r['d']} | {r['dtype']} | {_size(r['request_bytes'])} | "
                      f"{_size(r['response_bytes'])} | {r['inprocess_ms']:.2f} | {r['compute_ms']:.2f} | "
+                     f"{r.get('server_handler_ms', float('nan')):.2f} | {r.get('server_compute_ms', float('nan')):.2f} | "
                      f"{r['echo_ms']:.2f} | {r['overhead_ms']:.2f} | {r['overhead_over_echo']:.2f}x | "
                      f"{r['target_ms']:.2f} | {'yes' if r['meets_target'] else '**no**'} |")
     if result.get("streams"):
@@ -630,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "seconds": args.seconds, "stream_repeats": args.stream_repeats,
                               "in_flight": args.in_flight, "unary": [], "streams": []}
     print(f"machine: {result['machine']}", flush=True)
-    with embtrain_server(args.device, args.workers, out.parent / f"transport-{dev_tag}-server.log") as target, \
+    with embtrain_server(args.device, args.workers, out.parent / f"transport-{dev_tag}-server.log") as (target, murl), \
             echo_server() as echo_target, embtrain.Client(target, timeout=600.0) as client, \
             grpc.insecure_channel(echo_target, options=channel_options()) as echo:
         names = {li.name for li in client.losses()}
@@ -641,10 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dtype in args.dtypes.split(","):
             for d in _ints(args.dims):
                 for n in _ints(args.sizes):
-                    r = bench_unary(client, echo, loss, params, args.device, n, d, dtype, args.warmup, args.repeats)
+                    r = bench_unary(client, echo, murl, loss, params, args.device, n, d, dtype, args.warmup,
+                                    args.repeats)
                     result["unary"].append(r)
                     print(f"  unary {n}x{d} {dtype}: in-process {r['inprocess_ms']:.2f} ms, Compute "
-                          f"{r['compute_ms']:.2f} ms, echo {r['echo_ms']:.2f} ms -> overhead "
+                          f"{r['compute_ms']:.2f} ms (server handler {r['server_handler_ms']:.2f}, compute "
+                          f"{r['server_compute_ms']:.2f}), echo {r['echo_ms']:.2f} ms -> overhead "
                           f"{r['overhead_over_echo']:.2f} x echo ({'met' if r['meets_target'] else 'MISSED'})",
                           flush=True)
         if args.streams:

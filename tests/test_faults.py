@@ -70,8 +70,7 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict], exact: bool = 
         if exact or not a[1][k].is_floating_point():
             assert torch.equal(a[1][k], b[1][k]), k
         else:
-            if not torch.allclose(a[1][k], b[1][k], rtol=1e-4, atol=1e-5):
-                print("DIFF", k, (a[1][k]-b[1][k]).abs().max().item(), a[1][k].abs().max().item())
+            torch.testing.assert_close(a[1][k], b[1][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def info_tuple(s: embtrain.Session) -> tuple:
@@ -254,6 +253,38 @@ def test_a_rejected_first_batch_leaves_the_session_unmaterialised(strict_server)
         assert s.compute(x3, y3).step == 1
         with pytest.raises(embtrain.InvalidArgument, match="width 8, expected 3"):
             s.compute(*batch_for(0, 3))
+
+
+BAD_SESSIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown-loss", dict(loss="no_such_loss"), "config.loss.name"),
+    ("param-type", dict(loss="batch_hard_triplet", params={"margin": "wide"}), "params.margin"),
+    ("param-range", dict(loss="contrastive", params={"margin": -1}), "params.margin"),
+    ("unknown-param", dict(loss="contrastive", params={"margni": 1}), "params.margni"),
+    ("head-type", dict(loss="contrastive", head={"type": "conv"}), "config.head.type"),
+    ("head-width", dict(loss="contrastive", head=[{"type": "linear", "out_dim": 0}]), "config.head[0].out_dim"),
+    ("optimizer", dict(loss="contrastive", optimizer={"type": "adam", "lr": -1}), "config.optimizer.lr"),
+    ("optimizer-key", dict(loss="contrastive", optimizer={"type": "sgd", "betas": [0.9, 0.9]}),
+     "config.optimizer.betas"),
+    ("memory", dict(loss="contrastive", memory={"size": -3}), "config.memory.size"),
+    ("seed", dict(loss="contrastive", seed=-1), "config.seed"),
+    ("initial-state-nan", dict(loss="island", params={"num_classes": 2},
+                               initial_state={"initial_centers": np.array([[np.nan, 0.0], [1.0, 1.0]])}),
+     "config.initial_state.initial_centers"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", [pytest.param(k, f, id=i) for i, k, f in BAD_SESSIONS])
+def test_a_rejected_create_session_leaves_nothing(strict_server, kwargs: dict, field: str) -> None:  # type: ignore[no-untyped-def]
+    h, state_dir = strict_server
+    with h.client() as c:
+        before = sorted(i.session_id for i in c.list_sessions())
+        files = sorted(p.name for p in state_dir.iterdir())
+        kwargs = dict(kwargs)
+        with pytest.raises(embtrain.InvalidArgument) as info:
+            c.create_session(kwargs.pop("loss"), kwargs.pop("params", None), **kwargs)
+        assert field in info.value.fields and info.value.message.startswith(field), info.value
+        assert sorted(i.session_id for i in c.list_sessions()) == before
+        assert sorted(p.name for p in state_dir.iterdir()) == files
 
 
 def test_garbage_protobuf_is_invalid_argument_and_changes_nothing(strict_server, trained) -> None:  # type: ignore[no-untyped-def]
@@ -462,6 +493,8 @@ for line in sys.stdin:
     if cmd["op"] == "spawn":
         pid = os.fork()
         if pid == 0:
+            import ctypes
+            ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: never outlive the zygote
             fd = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -536,14 +569,19 @@ KILL_SESSIONS: list[tuple[str, dict, dict, bool]] = [
 ]
 
 
+PACE = 0.02  # seconds between batches: a few hundred steps in all keeps the final replay short
+
+
 class Trainer(threading.Thread):
-    """Trains one session from its current step; records the last step acknowledged, the batches sent and not
-    answered, and the last checkpoint known to be complete (a SaveCheckpoint that returned)."""
+    """Trains one session from its current step. Records the last step acknowledged (answers received), the
+    last step sent (an upper bound: a batch sent may be applied even if its answer is lost in the kill) and the
+    last checkpoint known to be complete (a SaveCheckpoint that returned)."""
 
     def __init__(self, target: str, index: int, sid: str, acked: int, stream: bool) -> None:
         super().__init__(daemon=True)
         self.target, self.index, self.sid, self.stream = target, index, sid, stream
-        self.acked, self.unanswered, self.checkpoint = acked, 0, -1
+        self.acked = self.sent = acked
+        self.checkpoint = -1
         self.bad: list[str] = []
 
     def run(self) -> None:
@@ -551,36 +589,30 @@ class Trainer(threading.Thread):
             with fast_client(self.target, timeout=10) as c:
                 s = embtrain.Session(c, self.sid)
                 if self.stream:
-                    sent = 0
-
                     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-                        nonlocal sent
-                        start = self.acked
-                        for t in range(start + 1, start + 100_000):
-                            sent += 1
-                            self.unanswered = sent - (self.acked - start)
+                        for t in range(self.acked + 1, self.acked + 100_000):
+                            self.sent = t
                             yield batch_for(self.index, t)
+                            time.sleep(PACE)
 
                     for r in s.stream(batches(), max_in_flight=3):
-                        r.raise_for_error()
-                        if r.step != self.acked + 1:
-                            self.bad.append(f"stream answer step {r.step} after {self.acked}")
-                        self.acked = r.step
-                        self.unanswered -= 1
+                        self.answer(r.raise_for_error().step)
                 else:
                     while True:
-                        self.unanswered = 1
-                        r = s.compute(*batch_for(self.index, self.acked + 1))
-                        if r.step != self.acked + 1:
-                            self.bad.append(f"answer step {r.step} after {self.acked}")
-                        self.acked = r.step
-                        self.unanswered = 0
+                        self.sent = self.acked + 1
+                        self.answer(s.compute(*batch_for(self.index, self.sent)).step)
                         if self.acked % 3 == self.index % 3:
                             self.checkpoint = max(self.checkpoint, s.save_checkpoint())
+                        time.sleep(PACE)
         except embtrain.EmbtrainError as err:
             if err.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                 grpc.StatusCode.DEADLINE_EXCEEDED):
                 self.bad.append(repr(err))
+
+    def answer(self, step: int) -> None:
+        if step != self.acked + 1:  # every batch applied exactly once, in order
+            self.bad.append(f"answer with step {step} after step {self.acked}")
+        self.acked = step
 
 
 @pytest.mark.timeout(240)
@@ -629,24 +661,20 @@ def test_sigkill_at_random_moments(make_server, tmp_path: pathlib.Path) -> None:
                 assert not t.is_alive()
                 assert not t.bad, t.bad
                 acked[t.index] = t.acked
-                upper[t.index] = t.acked + t.unanswered
+                upper[t.index] = t.sent
                 known_ckpt[t.index] = max(known_ckpt[t.index], t.checkpoint)
         assert sum(acked) > 3 * kills  # training did progress between the kills
-        # every step that survived is the one an uninterrupted run reaches: replay batches 1..step
+        # Every session is where an uninterrupted run of batches 1..step gets: replay them on fresh sessions in
+        # the same server process (same threads, so the arithmetic is bit for bit the same) and compare.
         with fast_client(target, timeout=60) as c:
-            killed_state = [saved_state(state, embtrain.Session(c, sid)) for sid in sids]
+            for i, (loss, params, kw, _) in enumerate(KILL_SESSIONS):
+                ref = c.create_session(loss, params, **kw)
+                for t in range(1, acked[i] + 1):
+                    ref.compute(*batch_for(i, t))
+                norm = lambda st: ({k: v for k, v in st[0].items() if k not in ("id", "created_time")}, st[1])  # noqa: E731
+                assert_same_state(norm(saved_state(state, ref)), norm(saved_state(state, embtrain.Session(c, sids[i]))))
     finally:
         zygote.close()
-    ref: ServerHandle = make_server(persist=True, state_dir=str(tmp_path / "replay"))
-    with ref.client(timeout=60) as c:
-        for i, (loss, params, kw, _) in enumerate(KILL_SESSIONS):
-            s = c.create_session(loss, params, **kw)
-            for t in range(1, acked[i] + 1):
-                s.compute(*batch_for(i, t))
-            mine = saved_state(tmp_path / "replay", s)
-            theirs = killed_state[i]
-            norm = lambda st: ({k: v for k, v in st[0].items() if k not in ("id", "created_time")}, st[1])  # noqa: E731
-            assert_same_state(norm(mine), norm(theirs), exact=False)
     # how often the restored step was past the last answer received (an answer lost in the kill)
     print(f"kills={kills} steps={acked} restored-above-acked={above_acked}")
 

@@ -219,6 +219,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     _make_ca(d, "other-ca")
     _make_leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     _make_leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _make_leaf(d, "client2", "ca", "extendedKeyUsage=clientAuth\n")
     _make_leaf(d, "rogue-client", "other-ca", "extendedKeyUsage=clientAuth\n")
     return d
 
@@ -265,6 +266,21 @@ def test_mutual_tls(make_server, certs: pathlib.Path) -> None:  # type: ignore[n
                 c.health()
 
 
+def test_client_certificates_name_principals(make_server, certs: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """Under mutual TLS without tokens the certificate's common name is the principal; and mutual TLS counts as
+    authentication for a non-loopback address."""
+    h: ServerHandle = make_server(host="0.0.0.0", tls_cert=str(certs / "server.pem"),
+                                  tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    with _tls_client(h, certs, client="client") as one, _tls_client(h, certs, client="client2") as two:
+        s = one.create_session("batch_hard_triplet")
+        assert [i.session_id for i in one.list_sessions()] == [s.id]
+        assert two.list_sessions() == []
+        with pytest.raises(embtrain.NotFound):
+            two.get_session(s.id)
+        s2 = two.create_session("contrastive")
+        assert [i.session_id for i in two.list_sessions()] == [s2.id]
+
+
 def test_tls_configuration_is_checked() -> None:
     with pytest.raises(ValueError, match="tls_cert and tls_key"):
         config_mod.load(["--tls-key", "k.pem"], env={})
@@ -288,7 +304,7 @@ def test_non_loopback_without_auth_is_refused_unless_insecure(make_server, caplo
         assert server_main(argv) == 2
     text = caplog.text
     assert "refusing to listen on 0.0.0.0 without authentication" in text
-    assert "--token-file" in text and "--insecure" in text
+    assert "--token-file" in text and "--insecure" in text and "--tls-client-ca" in text
     # with --insecure, or with tokens, it starts
     h: ServerHandle = make_server(host="0.0.0.0", insecure=True)
     with embtrain.Client(f"127.0.0.1:{h.running.port}") as c:

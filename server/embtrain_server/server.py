@@ -52,11 +52,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(config: ServerConfig, auth: Authenticator) -> None:
-    if not is_loopback(config.host) and not auth.enabled and not config.insecure:
+    """Refuse a non-loopback address without authentication (bearer tokens, or client certificates under
+    mutual TLS) unless ``insecure`` says the network is trusted."""
+    authenticated = auth.enabled or bool(config.tls_client_ca)
+    if not is_loopback(config.host) and not authenticated and not config.insecure:
         raise ValueError(
-            f"refusing to listen on {config.host} without authentication: anyone who can reach this address could "
-            "use and read every session. Configure --token-file (or EMBTRAIN_TOKENS), or pass --insecure if the "
-            "network is trusted.")
+            f"refusing to listen on {config.host or 'every address'} without authentication: anyone who can reach "
+            "this address could use and read every session. Configure --token-file (or EMBTRAIN_TOKENS) or mutual "
+            "TLS (--tls-client-ca), or pass --insecure if the network is trusted.")
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -163,8 +166,7 @@ async def _periodic_checkpoints(servicer: Servicer, every: float) -> None:
 
 async def serve(config: ServerConfig, config_path: str | None = None) -> int:
     running = await start(config)
-    scheme = "https" if config.tls_cert else "http"
-    metrics_text = (f"metrics on {scheme}://{config.metrics_host or config.host}:{running.metrics_port}/metrics"
+    metrics_text = (f"metrics on http://{config.metrics_host or config.host}:{running.metrics_port}/metrics"
                     if running.metrics_port else "metrics off")
     log.info("embtrain-server listening on %s (gRPC%s), %s, device %s, config %s, state_dir %s",
              running.address, ", TLS" if config.tls_cert else "", metrics_text, running.device,

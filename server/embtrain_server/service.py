@@ -73,6 +73,9 @@ def decode_inputs(inputs: Mapping[str, pb.Tensor], prefix: str = "inputs") -> di
             out[name] = codec.decode_torch(inputs[name], f"{prefix}.{name}")
         except codec.TensorError as exc:
             raise InvalidArgument(str(exc), field=exc.field) from None
+        except RuntimeError:  # a zero-size shape whose other dimensions overflow torch's size arithmetic
+            shape = list(inputs[name].shape)
+            raise invalid(f"{prefix}.{name}.shape", f"dimensions too large to address, got {shape}") from None
     return out
 
 

@@ -132,7 +132,15 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.inflight -= 1
 
     def principal(self, context: grpc.aio.ServicerContext) -> str:
-        return self.auth.principal(context.invocation_metadata() or ())
+        """Who is calling: the bearer token's principal; without tokens, under mutual TLS, the client
+        certificate's common name (so certificate holders do not share sessions); otherwise anonymous."""
+        if self.auth.enabled or not self.config.tls_client_ca:
+            return self.auth.principal(context.invocation_metadata() or ())
+        props = context.auth_context() or {}
+        for key in ("x509_common_name", "x509_subject_alternative_name"):
+            if props.get(key):
+                return props[key][0].decode("utf-8", "replace")
+        return self.auth.principal(())
 
     async def unary(self, method: str, request: Any, context: grpc.aio.ServicerContext,
                     handler: Callable[..., Any], session_field: str | None = None) -> Any:
@@ -221,6 +229,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
 
         reader_task = asyncio.create_task(reader())
         drained = asyncio.create_task(self.draining.wait())
+        get: asyncio.Future[Any] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
@@ -259,8 +268,9 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         "the server is shutting down; the batches answered so far are applied")
         finally:
-            reader_task.cancel()
-            drained.cancel()
+            for task in (reader_task, drained, get):
+                if task is not None:
+                    task.cancel()
             self.pending_batches -= pending
             self.open_streams -= 1
             self.metrics.open_streams.dec()
@@ -294,7 +304,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
     async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]
         return await self.unary("CloseSession", request, context, self._close, "session_id")
 
-    def _close(self, request: pb.CloseSessionRequest, principal: str, session: Any) -> pb.CloseSessionResponse:
+    def _close(self, request: pb.CloseSessionRequest, principal: str, session: Any = None) -> pb.CloseSessionResponse:
         resp = self.service.close_session(request, principal)
         self._locks.pop(request.session_id, None)
         return resp

@@ -648,6 +648,35 @@ def test_matmul_backward_float32_matches_float64(kind: str) -> None:
     assert torch.allclose(g32.double(), g64, rtol=1e-3, atol=2e-4 * float(scale))
 
 
+def test_large_classes_use_the_binary_search_path() -> None:
+    # A class of 40 (more positives per anchor than the compare-and-add bucketing handles) next to small ones.
+    x = randn(60, 3, seed=31)
+    y = torch.cat([torch.zeros(40, dtype=torch.int64), torch.arange(1, 6).repeat_interleave(4)])
+    y = y[torch.randperm(60, generator=torch.Generator().manual_seed(3))]
+    xr = x.clone().requires_grad_(True)
+    dmat = (xr[:, None] - xr[None]).pow(2).sum(-1).clamp_min(1e-12).sqrt()
+    same = y[:, None] == y[None]
+    eye = torch.eye(60, dtype=torch.bool)
+    total = sum(torch.relu(dmat[a][same[a] & ~eye[a]][:, None] - dmat[a][~same[a]][None, :] + 0.5).sum()
+                for a in range(60))
+    count = int(sum(((same[a] & ~eye[a]).sum() * (~same[a]).sum()) for a in range(60)))
+    (ref_grad,) = torch.autograd.grad(total / count, xr)
+    out, grad = run("batch_all_triplet", {"margin": 0.5}, x, y, context=ctx(per_item=False))
+    assert torch.allclose(out.loss, total.detach() / count, rtol=1e-10)
+    assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+    out, _ = run("triplet_margin", {"miner": "semihard", "margin": 0.5, "eps": 0.0}, x, y)
+    d = dmat.detach()
+    ref = []
+    for a in range(60):
+        negs = (~same[a]).nonzero()[:, 0]
+        for p in (same[a] & ~eye[a]).nonzero()[:, 0]:
+            farther = negs[d[a, negs] > d[a, p]]
+            n_star = farther[d[a, farther].argmin()] if farther.numel() else negs[d[a, negs].argmax()]
+            ref.append(float(torch.relu(0.5 + d[a, p] - d[a, n_star])))
+    assert torch.allclose(out.per_item, torch.tensor(ref, dtype=F64), rtol=1e-10, atol=1e-12)
+
+
 # ---- validation --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,params,inputs,field", [

@@ -388,7 +388,7 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
             hist = torch.zeros(e - s, nb, dtype=torch.float64, device=dev)
             one = torch.ones((), dtype=torch.float64, device=dev).expand(b.shape)
             cum_cnt = hist.scatter_add(1, b, one).cumsum_(1)
-            neg64 = d.to(torch.float64).masked_fill_(same, 0.0)  # other-label rows weigh 0 (and sit in the last bucket)
+            neg64 = d.to(torch.float64, copy=True).masked_fill_(same, 0.0)  # other-label rows weigh 0
             cum_sum = hist.scatter_add_(1, b, neg64).cumsum_(1)
             del neg64
             sum_dan += (cum_sum[:, -1] * npos_b).sum()

@@ -156,7 +156,9 @@ class PairDistance(ABC):
     @abstractmethod
     def backward(self, x: Tensor, r: Tensor, coef: Tensor, dist: Tensor,
                  aux: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Gradients ``(∂/∂x [b, d], ∂/∂r [m, d])`` of ``Σ_ij coef_ij · d(x_i, r_j)``; ``dist, aux`` from ``matrix``."""
+        """Gradients ``(∂/∂x [b, d], ∂/∂r [m, d])`` of ``Σ_ij coef_ij · d(x_i, r_j)``.
+
+        ``dist`` and ``aux`` are what ``matrix(x, r)`` returned."""
 
 
 class ClampedEuclidean(PairDistance):
