@@ -221,8 +221,8 @@ class Service:
                           c.seed if c.HasField("seed") else None)
         initial = decode_inputs(c.initial_state, "config.initial_state")
         for name, t in initial.items():
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                raise invalid(f"config.initial_state.{name}", "every entry must be finite")
+            if t.is_floating_point():
+                compute.require_finite(t, f"config.initial_state.{name}")
         loss_cls = losses.get(spec.loss)
         if initial and not loss_cls.stateful:
             raise invalid(f"config.initial_state.{next(iter(initial))}",
@@ -300,9 +300,7 @@ class Service:
             raise ResourceExhausted(
                 f"embeddings: {x.shape[0]} x {x.shape[1]} = {x.numel()} elements, over the server's "
                 f"max_batch_elements ({self.config.max_batch_elements}); send smaller batches", field="embeddings")
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise invalid("embeddings", f"{bad} non-finite value(s) (NaN or Inf); every entry must be finite")
+        compute.require_finite(x, "embeddings")
         session.check_width(int(x.shape[1]), "embeddings")
         try:
             out = session.embed(x)
