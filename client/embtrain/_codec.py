@@ -115,24 +115,28 @@ def decode_torch(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     return out
 
 
-def encode(x: Any, field: str = "tensor") -> pb.Tensor:
-    """A numpy array, torch tensor or nested list -> wire tensor (one copy of the data)."""
+def wire_dtype_and_buffer(x: Any, field: str = "tensor") -> tuple[int, tuple[int, ...], memoryview]:
+    """(wire dtype, shape, a flat byte view of the little-endian C-order data) for an array or tensor.
+
+    No copy for contiguous little-endian CPU input; otherwise exactly one (to C order, to little-endian, or
+    off the GPU).
+    """
     if _is_torch(x):
-        return _encode_torch(x, field)
+        return _torch_buffer(x, field)
     arr = np.asarray(x)
-    if arr.dtype.kind == "O" or arr.dtype.kind in "USV":
+    if arr.dtype.kind in "OUSVcmM":
         raise TensorError(field, f"expected a numeric array, got dtype {arr.dtype}")
     name = {"f2": "float16", "f4": "float32", "f8": "float64", "i4": "int32", "i8": "int64", "b1": "bool",
             "u1": "uint8", "i1": "int8", "i2": "int16"}.get(f"{arr.dtype.kind}{arr.dtype.itemsize}")
     if name is None:
         raise TensorError(field, f"unsupported dtype {arr.dtype}; supported: {', '.join(DTYPE_NAMES)}")
-    d = _BY_NAME[name]
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return pb.Tensor(dtype=d.wire, shape=arr.shape, data=arr.tobytes(order="C"))
+    arr = np.require(arr, requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+    return _BY_NAME[name].wire, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8))
 
 
-def _encode_torch(x: torch.Tensor, field: str) -> pb.Tensor:
+def _torch_buffer(x: torch.Tensor, field: str) -> tuple[int, tuple[int, ...], memoryview]:
     import torch
 
     if x.is_sparse or x.layout != torch.strided:
@@ -146,12 +150,19 @@ def _encode_torch(x: torch.Tensor, field: str) -> pb.Tensor:
     x = x.detach()
     if x.device.type != "cpu":
         x = x.cpu()
+    x = x.contiguous()
     if d.name == "bfloat16":
         x = x.view(torch.int16)  # numpy has no bfloat16: move the same bits as int16
     arr = x.numpy()
     if not _LITTLE and d.itemsize > 1:  # pragma: no cover
         arr = arr.byteswap()
-    return pb.Tensor(dtype=d.wire, shape=list(x.shape), data=arr.tobytes(order="C"))
+    return d.wire, tuple(x.shape), memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def encode(x: Any, field: str = "tensor") -> pb.Tensor:
+    """A numpy array, torch tensor or nested list -> a ``Tensor`` message."""
+    wire, shape, data = wire_dtype_and_buffer(x, field)
+    return pb.Tensor(dtype=wire, shape=shape, data=data.tobytes())
 
 
 def _is_torch(x: Any) -> bool:

@@ -1,0 +1,213 @@
+"""Protobuf framing of the tensor-carrying messages without copying tensor data through protobuf objects.
+
+A protobuf message on the wire is the concatenation of its fields, so a ``ComputeRequest`` / ``ComputeResponse``
+can be written as the small message without its tensors followed by hand-framed tensor fields, and read by walking
+the top-level fields. The bytes are exactly what protobuf itself reads and writes (tests check both directions), so
+peers that use plain protobuf interoperate. Costs per tensor: encoding copies the data once (the final join);
+decoding copies nothing (the tensors view the received bytes).
+
+Malformed input raises ``TensorError`` (field named) or ``WireError``; neither ever reads out of bounds.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._codec import TensorError, wire_dtype_and_buffer
+
+M = TypeVar("M")
+_LEN = 2
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid protobuf message of the expected type."""
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A tensor field as found on the wire: ``data`` is a read-only view of the received bytes (no copy).
+
+    Quacks like ``embtrain.v1.Tensor`` for ``_codec.decode_numpy`` / ``decode_torch``.
+    """
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64  # int64 two's complement, as protobuf writes negative int64
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise WireError("truncated or overlong varint")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def _skip(buf: memoryview, i: int, end: int, wire_type: int) -> int:
+    if wire_type == 0:
+        return _read_varint(buf, i, end)[1]
+    if wire_type == 1:
+        i += 8
+    elif wire_type == 5:
+        i += 4
+    elif wire_type == _LEN:
+        n, i = _read_varint(buf, i, end)
+        i += n
+    else:
+        raise WireError(f"unsupported wire type {wire_type}")
+    if i > end:
+        raise WireError("field runs past the end of the message")
+    return i
+
+
+# ---- encoding ------------------------------------------------------------------------------------------------
+
+def _tensor_parts(x: Any, field: str) -> list[Any]:
+    wire_dtype, shape, data = wire_dtype_and_buffer(x, field)
+    packed = b"".join(_varint(s) for s in shape)
+    head = bytearray()
+    if wire_dtype:
+        head += b"\x08" + _varint(wire_dtype)
+    if packed:
+        head += b"\x12" + _varint(len(packed)) + packed
+    if len(data):
+        head += b"\x1a" + _varint(len(data))
+        return [bytes(head), data]
+    return [bytes(head)]
+
+
+def _length(parts: list[Any]) -> int:
+    return sum(len(p) for p in parts)
+
+
+def encode(msg: Any, maps: Mapping[int, Mapping[str, Any]] = {}, fields: Mapping[int, Any] = {},
+           names: Mapping[int, str] = {}) -> bytes:
+    """``msg`` (without the tensors below) + tensor map fields ``{field number: {key: array}}`` + single tensor
+    fields ``{field number: array}`` -> message bytes. ``names`` gives field names for error messages."""
+    parts: list[Any] = [msg.SerializeToString()]
+    for number, tensors in maps.items():
+        for key, x in tensors.items():
+            body = _tensor_parts(x, f"{names.get(number, number)}.{key}")
+            k = key.encode()
+            entry_head = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(_length(body))
+            parts += [_varint((number << 3) | _LEN) + _varint(len(entry_head) + _length(body)) + entry_head, *body]
+    for number, x in fields.items():
+        body = _tensor_parts(x, str(names.get(number, number)))
+        parts += [_varint((number << 3) | _LEN) + _varint(_length(body)), *body]
+    return b"".join(parts)
+
+
+# ---- decoding ------------------------------------------------------------------------------------------------
+
+def _tensor(buf: memoryview, i: int, end: int) -> WireTensor:
+    dtype, shape, data = 0, [], buf[0:0]
+    while i < end:
+        tag, i = _read_varint(buf, i, end)
+        number, wt = tag >> 3, tag & 7
+        if number == 1 and wt == 0:
+            dtype, i = _read_varint(buf, i, end)
+            dtype = dtype if dtype < 1 << 31 else -1  # an out-of-range enum: refused by the codec
+        elif number == 2 and wt == _LEN:  # packed
+            n, i = _read_varint(buf, i, end)
+            stop = i + n
+            if stop > end:
+                raise WireError("shape runs past the end of the tensor")
+            while i < stop:
+                s, i = _read_varint(buf, i, stop)
+                shape.append(s - (1 << 64) if s >= 1 << 63 else s)
+        elif number == 2 and wt == 0:  # unpacked
+            s, i = _read_varint(buf, i, end)
+            shape.append(s - (1 << 64) if s >= 1 << 63 else s)
+        elif number == 3 and wt == _LEN:
+            n, i = _read_varint(buf, i, end)
+            if i + n > end:
+                raise WireError("tensor data runs past the end of the message")
+            data = buf[i:i + n]
+            i += n
+        else:
+            i = _skip(buf, i, end, wt)
+    return WireTensor(dtype, tuple(shape), data)
+
+
+def _map_entry(buf: memoryview, i: int, end: int) -> tuple[str, WireTensor]:
+    key, value = "", WireTensor(0, (), buf[0:0])
+    while i < end:
+        tag, i = _read_varint(buf, i, end)
+        number, wt = tag >> 3, tag & 7
+        if number in (1, 2) and wt == _LEN:
+            n, i = _read_varint(buf, i, end)
+            if i + n > end:
+                raise WireError("map entry runs past its end")
+            if number == 1:
+                try:
+                    key = str(buf[i:i + n], "utf-8")
+                except UnicodeDecodeError:
+                    raise WireError("map key is not UTF-8") from None
+            else:
+                value = _tensor(buf, i, i + n)
+            i += n
+        else:
+            i = _skip(buf, i, end, wt)
+    return key, value
+
+
+def decode(wire: bytes, cls: type[M], maps: frozenset[int] = frozenset(), fields: frozenset[int] = frozenset()
+           ) -> tuple[M, dict[int, dict[str, WireTensor]], dict[int, WireTensor]]:
+    """Message bytes -> (the message without the named tensor fields, {map field: {key: tensor}},
+    {tensor field: tensor}). Every other field is parsed by protobuf."""
+    buf = memoryview(wire).cast("B")
+    end = len(buf)
+    rest: list[memoryview] = []
+    found_maps: dict[int, dict[str, WireTensor]] = {n: {} for n in maps}
+    found: dict[int, WireTensor] = {}
+    i = 0
+    while i < end:
+        start = i
+        tag, i = _read_varint(buf, i, end)
+        number, wt = tag >> 3, tag & 7
+        if wt == _LEN and (number in maps or number in fields):
+            n, i = _read_varint(buf, i, end)
+            if i + n > end:
+                raise WireError("field runs past the end of the message")
+            if number in maps:
+                key, value = _map_entry(buf, i, i + n)
+                found_maps[number][key] = value  # a repeated key: the last wins, as in protobuf
+            else:
+                found[number] = _tensor(buf, i, i + n)
+            i += n
+            continue
+        i = _skip(buf, i, end, wt)
+        rest.append(buf[start:i])
+    try:
+        msg = cls.FromString(b"".join(rest))  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise WireError(f"not a valid {cls.__name__}: {exc}") from None
+    return msg, found_maps, found
+
+
+if sys.byteorder != "little":  # pragma: no cover - the framing writes host-order buffers
+    raise ImportError("embtrain's wire framing needs a little-endian host")
+
+__all__ = ["TensorError", "WireError", "WireTensor", "decode", "encode"]
