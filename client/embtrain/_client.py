@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 
 from . import _codec as codec
+from . import _wire
 from ._errors import EmbtrainError, from_rpc_error, from_status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -160,34 +161,56 @@ def _plain(x: Any) -> Any:
 
 
 class _Decoder:
-    """Turns response tensors into the caller's kind: numpy (read-only views) or torch on ``device``."""
+    """Turns response tensors into the caller's kind: numpy (read-only views of the response bytes, no copy) or
+    torch on the caller's device (one copy: a writable tensor on the CPU, or the transfer to the GPU)."""
 
     def __init__(self, like: Any) -> None:
         self.torch = _is_torch(like)
         self.device = like.device if self.torch else None
 
-    def __call__(self, t: pb.Tensor, name: str) -> Any:
+    def __call__(self, t: Any, name: str) -> Any:
         if not self.torch:
             if t.dtype == pb.BFLOAT16:
                 raise EmbtrainError(grpc.StatusCode.INTERNAL, f"{name}: bfloat16 result needs torch inputs")
             return codec.decode_numpy(t, name)
         out = codec.decode_torch(t, name)
-        # Copy once: off the immutable message bytes (CPU) or onto the caller's device (CUDA).
         return out.clone() if self.device.type == "cpu" else out.to(self.device)
 
 
-def _result(resp: pb.ComputeResponse, dec: _Decoder) -> ComputeResult:
+# Field numbers of the tensor fields of ComputeRequest / ComputeResponse, framed by hand (see _wire).
+_REQUEST_INPUTS = 4
+_RESPONSE_GRADIENTS = 3
+_RESPONSE_TENSORS = {4: "triplets", 7: "per_item_losses", 11: "triplet_ids"}
+_COMPUTE = "/embtrain.v1.EmbeddingTrainer/Compute"
+_COMPUTE_STREAM = "/embtrain.v1.EmbeddingTrainer/ComputeStream"
+
+
+def _result(data: bytes, decoder: Callable[[str], _Decoder]) -> ComputeResult:
+    """A ComputeResponse's bytes -> result; ``decoder(request_id)`` says which kind of tensors to return."""
+    try:
+        resp, maps, fields = _wire.decode(data, pb.ComputeResponse, frozenset({_RESPONSE_GRADIENTS}),
+                                          frozenset(_RESPONSE_TENSORS))
+    except _wire.WireError as exc:
+        raise EmbtrainError(grpc.StatusCode.INTERNAL, f"malformed ComputeResponse from the server: {exc}") from None
+    dec = decoder(resp.request_id)
     if resp.HasField("error"):
         return ComputeResult(request_id=resp.request_id, error=from_status(resp.error))
+    out = {name: dec(fields[num], name) if num in fields else None for num, name in _RESPONSE_TENSORS.items()}
     return ComputeResult(
         loss=resp.loss,
-        gradients={k: dec(v, f"gradients.{k}") for k, v in resp.gradients.items()},
-        triplets=dec(resp.triplets, "triplets") if resp.HasField("triplets") else None,
-        triplets_total=resp.triplets_total,
-        triplets_truncated=resp.triplets_truncated,
-        triplet_ids=dec(resp.triplet_ids, "triplet_ids") if resp.HasField("triplet_ids") else None,
-        per_item_losses=dec(resp.per_item_losses, "per_item_losses") if resp.HasField("per_item_losses") else None,
+        gradients={k: dec(v, f"gradients.{k}") for k, v in maps[_RESPONSE_GRADIENTS].items()},
+        triplets=out["triplets"], triplets_total=resp.triplets_total, triplets_truncated=resp.triplets_truncated,
+        triplet_ids=out["triplet_ids"], per_item_losses=out["per_item_losses"],
         stats=dict(resp.stats), step=resp.step, request_id=resp.request_id)
+
+
+class _Stubs:
+    """The generated stub plus Compute / ComputeStream on raw bytes (tensors framed by ``_wire``)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = pb_grpc.EmbeddingTrainerStub(channel)
+        self.compute = channel.unary_unary(_COMPUTE, request_serializer=None, response_deserializer=None)
+        self.stream = channel.stream_stream(_COMPUTE_STREAM, request_serializer=None, response_deserializer=None)
 
 
 class Client:
@@ -219,7 +242,8 @@ class Client:
         self._routing = routing_template
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
-        self._stub = self._stub_for(target)
+        self._stubs: dict[str, _Stubs] = {}
+        self._stub = self._stubs_for(target).stub
 
     # ---- plumbing ----------------------------------------------------------------------------------------
     def _channel(self, target: str) -> grpc.Channel:
@@ -231,13 +255,22 @@ class Client:
                 self._channels[target] = ch
             return ch
 
-    def _stub_for(self, target: str) -> pb_grpc.EmbeddingTrainerStub:
-        return pb_grpc.EmbeddingTrainerStub(self._channel(target))
+    def _stubs_for(self, target: str) -> _Stubs:
+        with self._lock:
+            stubs = self._stubs.get(target)
+        if stubs is None:
+            stubs = _Stubs(self._channel(target))
+            with self._lock:
+                stubs = self._stubs.setdefault(target, stubs)
+        return stubs
+
+    def _session_stubs(self, session_id: str | None) -> _Stubs:
+        if session_id and self._routing and "." in session_id:
+            return self._stubs_for(self._routing.format(node=session_id.split(".", 1)[0]))
+        return self._stubs_for(self.target)
 
     def _session_stub(self, session_id: str) -> pb_grpc.EmbeddingTrainerStub:
-        if self._routing and "." in session_id:
-            return self._stub_for(self._routing.format(node=session_id.split(".", 1)[0]))
-        return self._stub
+        return self._session_stubs(session_id).stub
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._token}"),) if self._token else ()
@@ -254,6 +287,7 @@ class Client:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
+            self._stubs.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -287,8 +321,9 @@ class Client:
     # ---- compute -----------------------------------------------------------------------------------------
     def _request(self, embeddings: Any, labels: Any, inputs: Mapping[str, Any], *, loss: str | None,
                  params: Mapping[str, Any] | None, session_id: str | None, gradient: bool, triplets: bool,
-                 max_triplets: int, per_item_losses: bool, request_id: str | None = None) -> pb.ComputeRequest:
-        req = pb.ComputeRequest(request_id=request_id or uuid.uuid4().hex)
+                 max_triplets: int, per_item_losses: bool) -> tuple[str, bytes]:
+        """(request id, the ComputeRequest's bytes), tensors framed by hand: one copy of each."""
+        req = pb.ComputeRequest(request_id=uuid.uuid4().hex)
         if session_id is not None:
             req.session_id = session_id
         else:
@@ -296,23 +331,19 @@ class Client:
                 raise ValueError("compute: give loss=<name> (stateless) or use a Session")
             req.loss.name = loss
             req.loss.params.CopyFrom(_struct(params))
-        named = dict(inputs)
+        named = {k: v for k, v in inputs.items() if v is not None}
         if embeddings is not None:
             named["embeddings"] = embeddings
         if labels is not None:
             named["labels"] = labels
-        for name, value in named.items():
-            if value is None:
-                continue
-            try:
-                req.inputs[name].CopyFrom(codec.encode(value, f"inputs.{name}"))
-            except codec.TensorError as exc:
-                raise ValueError(str(exc)) from None
         req.options.gradient = gradient
         req.options.triplets = triplets
         req.options.max_triplets = max_triplets
         req.options.per_item_losses = per_item_losses
-        return req
+        try:
+            return req.request_id, _wire.encode(req, {_REQUEST_INPUTS: named}, names={_REQUEST_INPUTS: "inputs"})
+        except codec.TensorError as exc:
+            raise ValueError(str(exc)) from None
 
     def compute(self, embeddings: Any = None, labels: Any = None, *, loss: str | None = None,
                 params: Mapping[str, Any] | None = None, session_id: str | None = None,
@@ -320,12 +351,12 @@ class Client:
                 per_item_losses: bool = False, timeout: float | None = None, **inputs: Any) -> ComputeResult:
         """One batch. Other named inputs are keyword arguments (``gt_distances=``, ``triplets=``, ``centers=``,
         ``ids=``, or a torch loss's own inputs such as ``input=``, ``target=``)."""
-        req = self._request(embeddings, labels, inputs, loss=loss, params=params, session_id=session_id,
-                            gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
-                            per_item_losses=per_item_losses)
-        stub = self._session_stub(session_id) if session_id else self._stub
+        _, req = self._request(embeddings, labels, inputs, loss=loss, params=params, session_id=session_id,
+                               gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
+                               per_item_losses=per_item_losses)
         like = embeddings if embeddings is not None else next(iter(inputs.values()), None)
-        return _result(self._call(stub.Compute, req, timeout), _Decoder(like))
+        dec = _Decoder(like)
+        return _result(self._call(self._session_stubs(session_id).compute, req, timeout), lambda _: dec)
 
     def compute_stream(self, batches: Iterable[Any], *, loss: str | None = None,
                        params: Mapping[str, Any] | None = None, session_id: str | None = None,
@@ -343,17 +374,17 @@ class Client:
         decoders: dict[str, _Decoder] = {}
         stop = threading.Event()
 
-        def requests() -> Iterator[pb.ComputeRequest]:
+        def requests() -> Iterator[bytes]:
             for batch in batches:
                 named = dict(batch) if isinstance(batch, Mapping) else {"embeddings": batch[0], "labels": batch[1]} \
                     if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
                 if named is None:
                     raise ValueError("batches: each batch is (embeddings, labels) or a dict of named inputs")
                 emb, lab = named.pop("embeddings", None), named.pop("labels", None)
-                req = self._request(emb, lab, named, loss=loss, params=params, session_id=session_id,
-                                    gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
-                                    per_item_losses=per_item_losses)
-                decoders[req.request_id] = _Decoder(emb)
+                request_id, req = self._request(emb, lab, named, loss=loss, params=params, session_id=session_id,
+                                                gradient=return_gradient, triplets=return_triplets,
+                                                max_triplets=max_triplets, per_item_losses=per_item_losses)
+                decoders[request_id] = _Decoder(emb)
                 while not window.acquire(timeout=0.1):
                     if stop.is_set():
                         return
@@ -361,12 +392,11 @@ class Client:
                     return
                 yield req
 
-        stub = self._session_stub(session_id) if session_id else self._stub
-        call = stub.ComputeStream(requests(), timeout=timeout, metadata=self._metadata())
+        call = self._session_stubs(session_id).stream(requests(), timeout=timeout, metadata=self._metadata())
         try:
-            for resp in call:
+            for data in call:
                 window.release()
-                yield _result(resp, decoders.pop(resp.request_id, _Decoder(None)))
+                yield _result(data, decoders.pop)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
