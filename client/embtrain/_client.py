@@ -396,7 +396,7 @@ class Client:
         try:
             for data in call:
                 window.release()
-                yield _result(data, decoders.pop)
+                yield _result(data, lambda rid: decoders.pop(rid, None) or _Decoder(None))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
