@@ -44,7 +44,7 @@ from digits.train import (  # noqa: E402
     island_centers,
     load_split,
     pk_batches,
-    train,
+    train_side_by_side,
 )
 from embtrain.torch import RemoteLoss  # noqa: E402
 
@@ -59,14 +59,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(device: str, log_path: pathlib.Path, startup_seconds: float = 90.0) -> Iterator[str]:
-    """Start ``embtrain-server`` in a subprocess on a free loopback port; yield its target; SIGTERM it at the end."""
+def running_server(device: str, log_path: pathlib.Path, threads: int = 0,
+                   startup_seconds: float = 90.0) -> Iterator[str]:
+    """Start ``embtrain-server`` in a subprocess on a free loopback port; yield its target; SIGTERM it at the end.
+    ``threads`` > 0 sets its torch CPU threads (``OMP_NUM_THREADS``)."""
     port = free_port()
     cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port),
            "--metrics-port", "0", "--no-persist", "--device", device, "--drain-seconds", "5"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         target = f"127.0.0.1:{port}"
         try:
             wait_serving(target, proc, startup_seconds, log_path)
@@ -114,13 +117,14 @@ def run_config(client: embtrain.Client, cfg: LossConfig, split: Split, *, steps:
         remote_fn = RemoteLoss(session)
     else:
         remote_fn = RemoteLoss(client, cfg.loss, dict(cfg.params))
+    local_fn = InProcessLoss(cfg.loss, cfg.params, initial_state=initial)
     try:
-        remote = train(encoder, split, batches, remote_fn, lr=lr, progress=f"{cfg.label} remote" if progress else None)
+        runs = train_side_by_side(encoder, split, batches, {"remote": remote_fn, "local": local_fn}, lr=lr,
+                                  progress=cfg.label if progress else None)
     finally:
         if session is not None:
             session.close()
-    local = train(encoder, split, batches, InProcessLoss(cfg.loss, cfg.params, initial_state=initial), lr=lr,
-                  progress=f"{cfg.label} local" if progress else None)
+    remote, local = runs["remote"], runs["local"]
     diffs = [abs(a - b) / max(1.0, abs(b)) for a, b in zip(remote.losses, local.losses)]
     test_x = split.x_test
     return {
@@ -191,12 +195,13 @@ def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.
         ax.set_yticks([])
     fig.colorbar(sc, ax=axes[1].tolist(), ticks=range(10), label="digit", shrink=0.9)
     fig.suptitle("embtrain digits demo: remote vs in-process loss", fontsize=12)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=72, bbox_inches="tight")
     plt.close(fig)
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
@@ -224,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples-per-class", type=int, default=8, help="K (default 8)")
     p.add_argument("--dim", type=int, default=16, help="embedding width (default 16)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads here and in the started server (default 1: the batches are tiny, and "
+                   "thread pools only stall on a busy 2-core machine; 0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "out"), help="output folder (default examples/digits/out)")
     p.add_argument("--no-copy", action="store_true", help="do not copy results.md and digits.png next to this file")
@@ -232,6 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, out)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, out: pathlib.Path) -> int:
     split = load_split()
     batch = args.classes_per_batch * args.samples_per_class
     steps = max(1, round(args.epochs * len(split.y_train) / batch))
@@ -240,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.classes_per_batch}x{args.samples_per_class}, losses: {', '.join(c.label for c in configs)}")
 
     started = time.perf_counter()
-    server_cm = contextlib.nullcontext(args.target) if args.target else running_server(args.device, out / "server.log")
+    server_cm = (contextlib.nullcontext(args.target) if args.target
+                 else running_server(args.device, out / "server.log", args.threads))
     results = []
     with server_cm as target, embtrain.Client(target, timeout=60.0) as client:
         available = {li.name for li in client.losses()}
@@ -258,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     table = markdown_table(results)
     header = (f"Digits demo, {steps} steps of {batch} samples, embedding width {args.dim}; {machine()}; server "
-              f"{args.target or 'started locally on ' + args.device}; total {total:.0f} s.\n\n")
+              f"{args.target or 'started locally on ' + args.device}; torch threads "
+              f"{args.threads or 'default'}; remote and local steps interleaved; total {total:.0f} s.\n\n")
     (out / "results.md").write_text(header + table + "\n")
     plot(results, split.y_test, out / "digits.png")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]

@@ -180,7 +180,7 @@ class InProcessLoss(nn.Module):
 @dataclass
 class RunResult:
     """One training run. ``loss_seconds``: time inside the loss call (the remote round trip, or the in-process
-    loss and its gradient); ``wall_seconds``: the whole loop."""
+    loss and its gradient); ``wall_seconds``: the run's training steps (encoder, loss, backward, optimiser)."""
 
     losses: list[float]
     wall_seconds: float
@@ -193,35 +193,50 @@ def initial_encoder(normalize: bool, out_dim: int = 16, seed: int = 0) -> Encode
     return Encoder(out_dim=out_dim, normalize=normalize)
 
 
-def train(encoder: nn.Module, split: Split, batches: Sequence[torch.Tensor],
-          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, lr: float = 1e-3,
-          progress: str | None = None) -> RunResult:
-    """Train a copy of ``encoder`` with Adam on ``batches`` of ``split``'s training rows (``progress``: the
-    description of a tqdm bar; None: no bar)."""
-    model = copy.deepcopy(encoder)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def train_side_by_side(encoder: nn.Module, split: Split, batches: Sequence[torch.Tensor],
+                       loss_fns: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], *,
+                       lr: float = 1e-3, progress: str | None = None) -> dict[str, RunResult]:
+    """Train one copy of ``encoder`` per loss function with Adam on ``batches`` of ``split``'s training rows.
+
+    The runs take their steps in turn (step 1 of each, then step 2 of each, ...), so load from other processes
+    slows them alike and their times stay comparable; each run's ``wall_seconds`` counts its own steps only.
+    ``progress``: the description of a tqdm bar (None: no bar).
+    """
+    models = {k: copy.deepcopy(encoder) for k in loss_fns}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=lr) for k, m in models.items()}
+    losses: dict[str, list[float]] = {k: [] for k in loss_fns}
+    wall = dict.fromkeys(loss_fns, 0.0)
+    in_loss = dict.fromkeys(loss_fns, 0.0)
     it: Any = batches
     if progress is not None:
         from tqdm import tqdm
 
         it = tqdm(batches, desc=progress, unit="step", leave=False, dynamic_ncols=True)
-    losses: list[float] = []
-    in_loss = 0.0
-    start = time.perf_counter()
-    model.train()
+    for m in models.values():
+        m.train()
     for idx in it:
-        z = model(split.x_train[idx])
-        t0 = time.perf_counter()
-        loss = loss_fn(z, split.y_train[idx])
-        in_loss += time.perf_counter() - t0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        x, y = split.x_train[idx], split.y_train[idx]
+        for k, loss_fn in loss_fns.items():
+            t0 = time.perf_counter()
+            z = models[k](x)
+            t1 = time.perf_counter()
+            loss = loss_fn(z, y)
+            in_loss[k] += time.perf_counter() - t1
+            opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[k].step()
+            wall[k] += time.perf_counter() - t0
+            losses[k].append(float(loss.detach()))
         if progress is not None:
-            it.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    wall = time.perf_counter() - start
-    return RunResult(losses, wall, in_loss, model)
+            it.set_postfix({k: f"{v[-1]:.4f}" for k, v in losses.items()}, refresh=False)
+    return {k: RunResult(losses[k], wall[k], in_loss[k], models[k]) for k in loss_fns}
+
+
+def train(encoder: nn.Module, split: Split, batches: Sequence[torch.Tensor],
+          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, lr: float = 1e-3,
+          progress: str | None = None) -> RunResult:
+    """One run of ``train_side_by_side``."""
+    return train_side_by_side(encoder, split, batches, {"run": loss_fn}, lr=lr, progress=progress)["run"]
 
 
 def evaluate(encoder: nn.Module, split: Split) -> dict[str, float]:
