@@ -427,7 +427,7 @@ def test_batches_in_flight_per_stream_are_bounded(make_server) -> None:  # type:
         sid = c.create_session("batch_hard_triplet").id
     gate = Gate(h, sid)
     s = RawStream(h.target)
-    try:
+    try:  # the gate opens in any case, so a failure does not leave a worker blocked
         for i in range(12):
             x, y = batch(seed=i)
             s.send(request(x, y, f"r{i}", sid))
@@ -456,12 +456,14 @@ def test_an_expired_request_that_has_not_started_never_runs(make_server) -> None
         first: list[object] = []
         t = threading.Thread(target=lambda: first.append(s.compute(x, y)))
         t.start()
-        assert gate.entered.wait(30)
-        # the second batch waits for the first (same session) and its deadline passes while it waits
-        with pytest.raises(embtrain.DeadlineExceeded):
-            c.compute(x, y, session_id=s.id, timeout=0.3)
-        wait_until(lambda: servicer.inflight == 1, what="only the running batch to hold a worker")
-        gate.open()
+        try:
+            assert gate.entered.wait(30)
+            # the second batch waits for the first (same session) and its deadline passes while it waits
+            with pytest.raises(embtrain.DeadlineExceeded):
+                c.compute(x, y, session_id=s.id, timeout=0.3)
+            wait_until(lambda: servicer.inflight == 1, what="only the running batch to hold a worker")
+        finally:
+            gate.open()
         t.join(30)
         assert first and first[0].step == 1  # type: ignore[attr-defined]
         wait_until(lambda: servicer.inflight == 0 and not servicer.lock(s.id).locked(), what="resources freed")
@@ -477,13 +479,15 @@ def test_a_cancelled_running_batch_keeps_the_session_order(make_server) -> None:
     with h.client(timeout=30) as c:
         s = c.create_session("batch_hard_triplet", head={"type": "linear", "out_dim": 4}, seed=3)
         gate = Gate(h, s.id)
-        with pytest.raises(embtrain.DeadlineExceeded):
-            s.compute(x, y, timeout=0.3)
-        assert gate.entered.is_set()
-        time.sleep(0.2)
-        # the worker still runs the batch: the session stays locked, so nothing can overlap it
-        assert servicer.lock(s.id).locked() and servicer.inflight == 1
-        gate.open()
+        try:
+            with pytest.raises(embtrain.DeadlineExceeded):
+                s.compute(x, y, timeout=0.3)
+            assert gate.entered.wait(30)  # the worker runs the batch (the first one also builds the head)
+            time.sleep(0.2)
+            # the worker still runs the batch: the session stays locked, so nothing can overlap it
+            assert servicer.lock(s.id).locked() and servicer.inflight == 1
+        finally:
+            gate.open()
         wait_until(lambda: servicer.inflight == 0 and not servicer.lock(s.id).locked(), what="the batch to end")
         assert s.info().step == 1  # it ran to completion (its outcome is visible in the session)
         assert s.compute(x, y).step == 2
