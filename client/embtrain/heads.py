@@ -117,11 +117,12 @@ def _bool(v: Any, where: str) -> bool:
     return v
 
 
-def build_head(spec: Sequence[Mapping[str, Any]], in_dim: int) -> tuple[nn.Sequential, int]:
+def build_head(spec: Sequence[Mapping[str, Any]], in_dim: int,
+               generator: torch.Generator | None = None) -> tuple[nn.Sequential, int]:
     """Build the module for a normalised spec (see ``normalize_spec``). Returns (module, out_dim).
 
-    Parameters are initialised by torch's defaults from the global generator; callers that need reproducible
-    initialisation wrap this in ``torch.random.fork_rng`` with a seed.
+    With a ``generator``, every linear layer is initialised from it with torch's default distribution
+    (weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))), independently of the process-wide generator.
     """
     layers: list[nn.Module] = []
     dim = in_dim
@@ -141,7 +142,16 @@ def build_head(spec: Sequence[Mapping[str, Any]], in_dim: int) -> tuple[nn.Seque
             dim = item["out_dim"]
         elif kind == "l2_normalize":
             layers.append(L2Normalize(item["eps"]))
-    return nn.Sequential(*layers), dim
+    head = nn.Sequential(*layers)
+    if generator is not None:
+        with torch.no_grad():
+            for layer in head.modules():
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-bound, bound, generator=generator)
+                    if layer.bias is not None:
+                        layer.bias.uniform_(-bound, bound, generator=generator)
+    return head, dim
 
 
 def set_generator(head: nn.Module, generator: torch.Generator | None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ResourceExhausted, invalid
+from .errors import ResourceExhausted, invalid, is_out_of_memory  # noqa: F401 - re-exported
 from .losses.base import ComputeContext, Loss, LossOutput, Memory
 
 # Inputs every loss accepts besides its own: sample ids for cross-batch memory and triplet_ids.
@@ -129,18 +129,6 @@ def _check_finite(loss_name: str, what: str, t: torch.Tensor) -> None:
     if not all_finite(t.detach()):
         raise invalid("inputs.embeddings", f"loss {loss_name!r} gives a non-finite {what} for this batch (for "
                       "example at duplicate embeddings or overflow in the input's dtype); nothing was applied")
-
-
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a device or host allocation failure: ``torch.OutOfMemoryError`` (CUDA's caching allocator), and
-    the plain ``RuntimeError`` that the CPU allocator and CUDA library calls raise (torch gives them no type)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MARKERS)
 
 
 def head_dtype(head: torch.nn.Module) -> torch.dtype:

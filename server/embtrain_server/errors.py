@@ -3,6 +3,8 @@ to gRPC status codes. Every message is public: it names the offending field and 
 
 from __future__ import annotations
 
+import torch
+
 
 class ServiceError(Exception):
     """Base class. ``field`` names the request field at fault (``inputs.labels``, ``params.margin``)."""
@@ -55,3 +57,14 @@ class DeadlineExceeded(ServiceError):
 def invalid(field: str, expected: str) -> InvalidArgument:
     """``InvalidArgument`` whose message starts with the field: ``inputs.labels: length 31, expected 32``."""
     return InvalidArgument(f"{field}: {expected}", field=field)
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device or host allocation failure: ``torch.OutOfMemoryError`` (CUDA's caching allocator), and
+    the plain ``RuntimeError`` that the CPU allocator and CUDA library calls raise (torch gives them no type)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)

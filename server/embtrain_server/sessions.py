@@ -34,6 +34,7 @@ from .memory import MemoryBank
 log = logging.getLogger("embtrain.sessions")
 
 _SEED_BITS = 2**62
+_INIT_LOCK = threading.Lock()
 DEFAULT_OPTIMIZER: dict[str, Any] = {"type": "adam", "lr": 1e-3}
 CHECKPOINT_VERSION = 1
 
@@ -109,6 +110,9 @@ class Session:
     created_time: float = field(default_factory=time.time)
     in_dim: int | None = None
     out_dim: int | None = None
+    # The float dtype the session computes in, fixed by its first batch (optimiser state and learnable loss
+    # parameters keep it); later batches in another float dtype are cast to it, their gradient back.
+    dtype: str | None = None
     head: torch.nn.Sequential | None = None
     optimizer: torch.optim.Optimizer | None = None
     optimizer_spec: optim.OptimizerSpec | None = None
@@ -138,9 +142,11 @@ class Session:
         self._build_optimizer()
 
     def _build_model(self, in_dim: int) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.spec.seed)
-            head, out_dim = build_head(self.spec.head, in_dim)
+        # The head draws from its own generator, so concurrent first batches of other sessions cannot change it.
+        # Loss state that is initialised by foreign code from the process-wide generator (PML's learnable
+        # losses seed it inside a forked RNG) is built under one lock, so sessions do not re-seed each other.
+        head, out_dim = build_head(self.spec.head, in_dim, torch.Generator().manual_seed(self.spec.seed))
+        with _INIT_LOCK:
             state_gen = torch.Generator().manual_seed(self.spec.seed + 1)
             self.loss.init_state(out_dim, torch.device("cpu"), state_gen, self.initial_state)
         state = self.loss.state_tensors()
@@ -174,7 +180,7 @@ class Session:
     def _dematerialize(self) -> None:
         """Undo ``materialize`` (a rejected first batch must leave the session as it was, width not yet fixed)."""
         self.loss = losses.get(self.spec.loss)(self.spec.params)
-        self.in_dim = self.out_dim = None
+        self.in_dim = self.out_dim = self.dtype = None
         self.head = self.optimizer = self.optimizer_spec = self.memory = self.generator = None
         self._trainable = []
         self.state_external = False
@@ -224,9 +230,11 @@ class Session:
             if self.head is not None:
                 self.head.train()
             gen_state = self.generator.get_state() if self.generator is not None else None
+            if self.dtype is None:
+                self.dtype = compute_dtype if compute_dtype != "input" else str(emb.dtype).removeprefix("torch.")
             try:
                 result = compute.run(
-                    self.loss, inputs, device=self.device, compute_dtype=compute_dtype, options=options,
+                    self.loss, inputs, device=self.device, compute_dtype=self.dtype, options=options,
                     head=self.head, memory=self.memory.view() if self.memory is not None and self.memory.fill else None,
                     trainable=self._trainable, training=True, state_optimized_externally=self.state_external)
             except BaseException:
@@ -296,7 +304,8 @@ class Session:
         tensors: dict[str, torch.Tensor] = {}
         record: dict[str, Any] = {
             "version": CHECKPOINT_VERSION, "id": self.id, "owner": self.owner, "spec": self.spec.to_dict(),
-            "step": self.step, "created_time": self.created_time, "in_dim": self.in_dim, "saved_time": time.time(),
+            "step": self.step, "created_time": self.created_time, "in_dim": self.in_dim, "dtype": self.dtype,
+            "saved_time": time.time(),
         }
         for k, v in self.initial_state.items():
             tensors[f"initial.{k}"] = v
@@ -336,6 +345,7 @@ class Session:
         if record.get("in_dim") is None:
             return sess
         sess._build_model(int(record["in_dim"]))
+        sess.dtype = record.get("dtype")
         if sess.head is not None:
             sess.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("loss.")}

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import FailedPrecondition, InvalidArgument, invalid
+from ..errors import FailedPrecondition, InvalidArgument, invalid, is_out_of_memory
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, note_missing_extra, register
 
@@ -58,7 +58,6 @@ try:  # imported once, here; the rest of the module only uses the dicts built fr
 except ImportError:  # the optional 'pml' extra is not installed
     _pml_losses = None
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _log = logging.getLogger(__name__)
 
 # Seed of the weights a learnable loss gets in a stateless request (no session generator to draw from).
@@ -406,9 +405,9 @@ class _PmlLoss(Loss):
             loss = module(emb, labels, indices_tuple=indices)
             # forward must not change state: the updated buffers wait for ``update``.
             self._pending = {b: getattr(module, b).detach() for b in self._row.buffers}
-        except _OOM:
-            raise
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+            if is_out_of_memory(exc):
+                raise  # a capacity problem, not the caller's input
             raise InvalidArgument(f"{self.name}: pytorch-metric-learning rejected the inputs: "
                                   f"{_why(exc)}", field="inputs") from exc
         finally:

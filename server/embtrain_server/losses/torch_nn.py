@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgument, invalid
+from ..errors import InvalidArgument, invalid, is_out_of_memory
 from ..params import Param, Schema
 from .base import ComputeContext, InputSpec, Loss, LossOutput, register
 
@@ -43,7 +43,6 @@ Check = Callable[[Tensors, Mapping[str, Any]], None]
 
 # Constructor arguments that are tensors: they arrive as optional inputs and go to the constructor.
 _CTOR_TENSORS = ("weight", "pos_weight")
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _DEPRECATED_WHY = "deprecated in torch; use params.reduction ('none', 'mean' or 'sum')"
 
 
@@ -485,6 +484,14 @@ class _TorchLoss(Loss):
             if inputs[spec.name].numel() == 0:
                 raise invalid(f"inputs.{spec.name}", f"empty tensor of shape {_shape(inputs[spec.name])}; "
                                                      "at least one element expected")
+        # torch's forward promotes mixed float dtypes but its backward does not: one float dtype for all inputs.
+        floats = [(s.name, inputs[s.name].dtype) for s in self.inputs
+                  if s.name in inputs and inputs[s.name].is_floating_point()]
+        for name, dtype in floats[1:]:
+            if dtype != floats[0][1]:
+                raise invalid(f"inputs.{name}", f"dtype {str(dtype).removeprefix('torch.')}, expected "
+                              f"{str(floats[0][1]).removeprefix('torch.')} (the dtype of inputs.{floats[0][0]}); "
+                              "send every float input in one dtype")
         for check in self._row.checks:
             check(inputs, self.params)
 
@@ -495,9 +502,9 @@ class _TorchLoss(Loss):
         args = [inputs[s.name] for s in self.inputs if s.name not in _CTOR_TENSORS]
         try:
             out = row.cls(**kwargs)(*args)
-        except _OOM:
-            raise  # a capacity problem, not the caller's input
         except (RuntimeError, ValueError) as exc:
+            if is_out_of_memory(exc):
+                raise  # a capacity problem, not the caller's input
             # Last resort: the checks above should have caught it with a better message.
             raise InvalidArgument(f"{self.name}: torch rejected the inputs: {exc}", field="inputs") from exc
         if self.params["reduction"] == "none":
