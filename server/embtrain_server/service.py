@@ -19,6 +19,7 @@ from google.protobuf import json_format, struct_pb2
 from safetensors.torch import save as st_save
 
 from embtrain import _codec as codec
+from embtrain import _wire
 from embtrain.v1 import embtrain_pb2 as pb
 
 from . import compute, losses, optim
@@ -66,7 +67,39 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def decode_inputs(inputs: Mapping[str, pb.Tensor], prefix: str = "inputs") -> dict[str, torch.Tensor]:
+# Field numbers of the tensor fields of ComputeRequest / ComputeResponse (see embtrain/v1/embtrain.proto).
+REQUEST_INPUTS = pb.ComputeRequest.DESCRIPTOR.fields_by_name["inputs"].number
+RESPONSE_GRADIENTS = pb.ComputeResponse.DESCRIPTOR.fields_by_name["gradients"].number
+RESPONSE_TRIPLETS = pb.ComputeResponse.DESCRIPTOR.fields_by_name["triplets"].number
+RESPONSE_PER_ITEM = pb.ComputeResponse.DESCRIPTOR.fields_by_name["per_item_losses"].number
+RESPONSE_TRIPLET_IDS = pb.ComputeResponse.DESCRIPTOR.fields_by_name["triplet_ids"].number
+_RESPONSE_NAMES = {RESPONSE_GRADIENTS: "gradients", RESPONSE_TRIPLETS: "triplets", RESPONSE_PER_ITEM: "per_item_losses",
+                   RESPONSE_TRIPLET_IDS: "triplet_ids"}
+
+
+class WireRequest:
+    """A ComputeRequest read by ``_wire``: ``inputs`` are views of the received bytes (no copy); every other field
+    is the parsed message's."""
+
+    __slots__ = ("inputs", "msg", "size")
+
+    def __init__(self, msg: pb.ComputeRequest, inputs: dict[str, _wire.WireTensor], size: int) -> None:
+        self.msg, self.inputs, self.size = msg, inputs, size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.msg, name)
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf spelling, so metrics treat both alike
+        return self.size
+
+
+def parse_compute(data: bytes) -> WireRequest:
+    """ComputeRequest bytes -> ``WireRequest``. Raises ``_wire.WireError`` for bytes that are no such message."""
+    msg, maps, _ = _wire.decode(data, pb.ComputeRequest, frozenset({REQUEST_INPUTS}))
+    return WireRequest(msg, maps[REQUEST_INPUTS], len(data))
+
+
+def decode_inputs(inputs: Mapping[str, Any], prefix: str = "inputs") -> dict[str, torch.Tensor]:
     out = {}
     for name in sorted(inputs):
         try:
@@ -122,7 +155,9 @@ class Service:
             raise invalid("target", "set either session_id or loss (an inline loss spec)")
         return None
 
-    def compute(self, req: pb.ComputeRequest, principal: str, session: Session | None = None) -> pb.ComputeResponse:
+    def compute(self, req: pb.ComputeRequest | WireRequest, principal: str, session: Session | None = None) -> bytes:
+        """One batch -> the ComputeResponse's bytes. ``req`` is a parsed message or, on the server's fast path,
+        a ``WireRequest`` whose tensors view the received bytes."""
         request_id = req.request_id or uuid.uuid4().hex
         options = self.options(req)
         if session is None:
@@ -174,20 +209,20 @@ class Service:
                 s.name in inputs for s in loss.inputs if s.differentiable and s.name != "embeddings"):
             loss.init_state(int(inputs["embeddings"].shape[1]), self.device, torch.Generator().manual_seed(0), {})
 
-    def encode_result(self, request_id: str, r: compute.ComputeResult, step: int) -> pb.ComputeResponse:
-        resp = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
-        for name, g in r.gradients.items():
-            resp.gradients[name].CopyFrom(codec.encode(g, f"gradients.{name}"))
+    def encode_result(self, request_id: str, r: compute.ComputeResult, step: int) -> bytes:
+        """The ComputeResponse's bytes: the small fields through protobuf, the tensors framed by hand (one copy)."""
+        head = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
+        fields: dict[int, torch.Tensor] = {}
         if r.triplets is not None:
-            resp.triplets.CopyFrom(codec.encode(r.triplets, "triplets"))
-            resp.triplets_truncated = r.triplets_total > r.triplets.shape[0]
-        if r.triplet_ids is not None:
-            resp.triplet_ids.CopyFrom(codec.encode(r.triplet_ids, "triplet_ids"))
+            fields[RESPONSE_TRIPLETS] = r.triplets
+            head.triplets_truncated = r.triplets_total > r.triplets.shape[0]
         if r.per_item is not None:
-            resp.per_item_losses.CopyFrom(codec.encode(r.per_item, "per_item_losses"))
+            fields[RESPONSE_PER_ITEM] = r.per_item
+        if r.triplet_ids is not None:
+            fields[RESPONSE_TRIPLET_IDS] = r.triplet_ids
         for k, v in r.stats.items():
-            resp.stats[k] = v
-        return resp
+            head.stats[k] = v
+        return _wire.encode(head, {RESPONSE_GRADIENTS: r.gradients}, fields, names=_RESPONSE_NAMES)
 
     def after_step(self, session: Session) -> None:
         cfg = self.config

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from embtrain._wire import WireError
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
@@ -32,7 +33,7 @@ from .auth import Authenticator
 from .config import ServerConfig
 from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
 from .metrics import Metrics
-from .service import Service
+from .service import Service, WireRequest, parse_compute
 from .translate import code_name, to_grpc_status, to_status_proto
 
 log = logging.getLogger("embtrain.servicer")
@@ -58,7 +59,7 @@ class Malformed:
                                "parse as protobuf)", field="request")
 
 
-def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
     name = cls.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Message | Malformed:
@@ -70,16 +71,36 @@ def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
     return parse
 
 
+def _parse_compute(data: bytes) -> WireRequest | Malformed:
+    """ComputeRequest with its tensors left in the received bytes (the service decodes them as views)."""
+    try:
+        return parse_compute(data)
+    except WireError:
+        return Malformed(pb.ComputeRequest.DESCRIPTOR.full_name, len(data))
+
+
+def _serialize(resp: Message | bytes) -> bytes:
+    """Compute answers arrive already encoded (tensors framed by hand); the in-band errors are messages."""
+    return resp if isinstance(resp, bytes) else resp.SerializeToString()
+
+
+def _size(resp: Message | bytes) -> int:
+    return len(resp) if isinstance(resp, bytes) else resp.ByteSize()
+
+
 def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
     """Register the service with request parsers that turn garbage into ``Malformed`` (in place of the generated
-    ``add_EmbeddingTrainerServicer_to_server``, whose parsers raise)."""
+    ``add_EmbeddingTrainerServicer_to_server``, whose parsers raise), and the Compute methods on the fast path
+    (tensors read and written without copies through protobuf objects; the bytes on the wire are unchanged)."""
     handlers = {}
     for m in SERVICE.methods:
         req_cls, resp_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_parser(req_cls),
-                                response_serializer=resp_cls.SerializeToString)
+        fast = req_cls is pb.ComputeRequest
+        handlers[m.name] = make(getattr(servicer, m.name),
+                                request_deserializer=_parse_compute if fast else _parser(req_cls),
+                                response_serializer=_serialize if fast else resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
@@ -162,7 +183,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                     resp = await self.work(handler, request, principal, session)
             else:
                 resp = await self.work(handler, request, principal)
-            self.metrics.sent_bytes.labels(method).inc(resp.ByteSize())
+            self.metrics.sent_bytes.labels(method).inc(_size(resp))
             return resp
         except ServiceError as err:
             code = err.code_name
@@ -181,7 +202,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
 
     # ---- RPCs --------------------------------------------------------------------------------------------
-    async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> pb.ComputeResponse:
+    async def Compute(self, request: WireRequest, context: grpc.aio.ServicerContext) -> bytes:
         field = "session_id" if not isinstance(request, Malformed) and \
             request.WhichOneof("target") == "session_id" else None
         return await self.unary("Compute", request, context, self.service.compute, field)
@@ -255,11 +276,11 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                     resp = self.error_response(req, err)
                 if resp is None:
                     resp = await self.stream_batch(req, principal, session)
-                code = "OK" if not resp.HasField("error") else \
+                code = "OK" if isinstance(resp, bytes) else \
                     _CODE_BY_VALUE.get(resp.error.code, grpc.StatusCode.UNKNOWN).name
                 self.metrics.requests.labels(method, code).inc()
                 self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
-                self.metrics.sent_bytes.labels(method).inc(resp.ByteSize())
+                self.metrics.sent_bytes.labels(method).inc(_size(resp))
                 yield resp
                 pending -= 1
                 self.pending_batches -= 1
@@ -275,7 +296,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.open_streams -= 1
             self.metrics.open_streams.dec()
 
-    async def stream_batch(self, req: pb.ComputeRequest, principal: str, session: Any) -> pb.ComputeResponse:
+    async def stream_batch(self, req: WireRequest, principal: str, session: Any) -> bytes | pb.ComputeResponse:
         try:
             if session is not None:
                 async with self.lock(session.id):
@@ -288,7 +309,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             return self.error_response(req, err)
 
     @staticmethod
-    def error_response(req: pb.ComputeRequest | Malformed, err: BaseException) -> pb.ComputeResponse:
+    def error_response(req: WireRequest | Malformed, err: BaseException) -> pb.ComputeResponse:
         request_id = "" if isinstance(req, Malformed) else req.request_id
         return pb.ComputeResponse(request_id=request_id, error=to_status_proto(err))
 
