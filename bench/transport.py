@@ -239,18 +239,17 @@ def median_ms(xs: Sequence[float]) -> float:
 
 def bench_unary(client: Any, echo: grpc.Channel, metrics_url: str, loss: str, params: dict[str, Any], device: str,
                 n: int, d: int, dtype: str, warmup: int, repeats: int) -> dict[str, Any]:
-    from embtrain.v1 import embtrain_pb2 as pb
+    from embtrain import _client as sdk
 
     x, y = make_batch(n, d, dtype)
     local = InProcess(loss, params, device)
     inputs = local.inputs(x, y)
     # The exact bytes embtrain sends and receives, for the echo.
-    req = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True, triplets=True,
-                          max_triplets=0, per_item_losses=False)
-    req_bytes = req.SerializeToString()
-    resp = client._stub.Compute(req, timeout=600)
-    assert isinstance(resp, pb.ComputeResponse) and not resp.HasField("error")
-    resp_size = resp.ByteSize()
+    _, req_bytes = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,
+                                   triplets=True, max_triplets=0, per_item_losses=False)
+    resp_bytes = client._stubs_for(client.target).compute(req_bytes, timeout=600)
+    assert sdk._result(resp_bytes, lambda _: sdk._Decoder(x)).ok
+    resp_size = len(resp_bytes)
     echo_call = echo.unary_unary(f"/{ECHO_SERVICE}/Unary")
     meta = (("x-response-bytes", str(resp_size)),)
 
@@ -349,10 +348,9 @@ def bench_streams(client: Any, echo: grpc.Channel, loss: str, params: dict[str, 
                   dtype: str, concurrency: Sequence[int], seconds: float, repeats: int,
                   in_flight: int = 4) -> list[dict[str, Any]]:
     x, y = make_batch(n, d, dtype)
-    req = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True, triplets=True,
-                          max_triplets=0, per_item_losses=False)
-    req_bytes = req.SerializeToString()
-    resp_size = client._stub.Compute(req, timeout=600).ByteSize()
+    _, req_bytes = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,
+                                   triplets=True, max_triplets=0, per_item_losses=False)
+    resp_size = len(client._stubs_for(client.target).compute(req_bytes, timeout=600))
     meta = (("x-response-bytes", str(resp_size)),)
     echo_stream = echo.stream_stream(f"/{ECHO_SERVICE}/Stream")
     rows = []
@@ -432,11 +430,10 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
 
     from embtrain import _client as sdk
     from embtrain import _codec as codec
-    from embtrain.v1 import embtrain_pb2 as pb
     from embtrain_server import compute
     from embtrain_server.config import ServerConfig
     from embtrain_server.metrics import Metrics
-    from embtrain_server.service import Service, decode_inputs
+    from embtrain_server.service import Service, decode_inputs, parse_compute
     from embtrain_server.sessions import SessionStore
 
     x, y = make_batch(n, d, dtype)
@@ -444,45 +441,27 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     service = Service(ServerConfig(persist=False, device=device), torch.device(device),
                       SessionStore(torch.device(device), None), Metrics(torch.device(device)))
     build = lambda: client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,  # noqa: E731
-                                    triplets=True, max_triplets=0, per_item_losses=False)
-    req = build()
-    wire_req = req.SerializeToString()
-    parsed = pb.ComputeRequest.FromString(wire_req)
-    resp = service.compute(parsed, "bench")
-    wire_resp = resp.SerializeToString()
+                                    triplets=True, max_triplets=0, per_item_losses=False)[1]
+    wire_req = build()
+    parsed = parse_compute(wire_req)
+    wire_resp = service.compute(parsed, "bench")
     local = InProcess(loss, params, device)
     raw = decode_inputs(parsed.inputs)
     inputs = compute.validate_inputs(type(local.loss), raw, max_batch_elements=1 << 40)
     result = local(inputs)
     arr = x.numpy() if dtype != "bfloat16" else x.view(torch.int16).numpy()
-    parsed_resp = pb.ComputeResponse.FromString(wire_resp)
     dec = sdk._Decoder(x)
-
-    grad = result.gradients["embeddings"]
-    tensor = codec.encode(x, "inputs.embeddings")
-    resp_tensor = parsed_resp.gradients["embeddings"]
-
-    def copy_from() -> None:
-        pb.ComputeRequest().inputs["embeddings"].CopyFrom(tensor)
 
     stages: dict[str, Callable[[], Any]] = {
         REFERENCE: lambda: arr.tobytes(),
-        "client: codec.encode(embeddings)": lambda: codec.encode(x, "inputs.embeddings"),
-        "client: inputs[k].CopyFrom(tensor)": copy_from,
-        "client: whole request build (_request)": build,
-        "client: SerializeToString": lambda: req.SerializeToString(),
-        "server: FromString (parse)": lambda: pb.ComputeRequest.FromString(wire_req),
-        "server: decode_inputs (.data + frombuffer)": lambda: decode_inputs(parsed.inputs),
+        "client: whole request build (_request, tensors framed by hand)": build,
+        "server: parse_compute (tensors stay in the request bytes)": lambda: parse_compute(wire_req),
+        "server: decode_inputs (views)": lambda: decode_inputs(parsed.inputs),
         "server: validate_inputs (dtype, finite, shapes)": lambda: compute.validate_inputs(
             type(local.loss), raw, max_batch_elements=1 << 40),
-        "server: torch.isfinite(x).all() alone": lambda: bool(torch.isfinite(raw["embeddings"]).all()),
         "server: compute.run (= in-process)": lambda: local(inputs),
-        "server: codec.encode(gradient)": lambda: codec.encode(grad, "gradients.embeddings"),
-        "server: encode_result (whole)": lambda: service.encode_result("id", result, 0),
-        "server: SerializeToString": lambda: resp.SerializeToString(),
-        "client: FromString (parse)": lambda: pb.ComputeResponse.FromString(wire_resp),
-        "client: gradient Tensor.data": lambda: resp_tensor.data,
-        "client: _result (decode + clone)": lambda: sdk._result(parsed_resp, dec),
+        "server: encode_result (tensors framed by hand)": lambda: service.encode_result("id", result, 0),
+        "client: _result (views; torch results copied once)": lambda: sdk._result(wire_resp, lambda _: dec),
         "server: whole Service.compute": lambda: service.compute(parsed, "bench"),
     }
     for fn in stages.values():

@@ -47,6 +47,7 @@ class ServerConfig:
     keepalive_timeout_seconds: float = 20.0
     drain_seconds: float = 30.0
     workers: int = 4  # threads that run decode/compute/encode
+    torch_threads: int = 0  # torch's intra-op threads; 0: torch's default (all cores)
     max_batch_elements: int = 64 * 1024 * 1024  # n x d of one request
     default_max_triplets: int = 100_000
     max_triplets_limit: int = 10_000_000
@@ -73,6 +74,8 @@ class ServerConfig:
             problems.append("tls_cert and tls_key: give both or neither")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("tls_client_ca: needs tls_cert and tls_key (mutual TLS is on top of TLS)")
+        if self.torch_threads < 0:
+            problems.append(f"torch_threads: expected >= 0 (0: torch's default), got {self.torch_threads}")
         for name in ("workers", "max_batch_elements", "default_max_triplets", "max_triplets_limit",
                      "max_sessions_per_principal", "max_concurrent_streams", "max_inflight_per_stream",
                      "max_message_bytes"):

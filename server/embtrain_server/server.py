@@ -121,6 +121,8 @@ class RunningServer:
 async def start(config: ServerConfig) -> RunningServer:
     """Build and start a server (port 0 picks a free port). Raises ``ValueError`` for unusable configuration."""
     device = resolve_device(config.device)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     auth = Authenticator(load_tokens(config.token_file, config.tokens))
     check_exposure(config, auth)
     metrics = Metrics(device)
@@ -165,16 +167,17 @@ async def _periodic_checkpoints(servicer: Servicer, every: float) -> None:
 
 
 async def serve(config: ServerConfig, config_path: str | None = None) -> int:
+    # Handlers first: a SIGTERM that arrives while the server starts still drains and checkpoints.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     running = await start(config)
     metrics_text = (f"metrics on http://{config.metrics_host or config.host}:{running.metrics_port}/metrics"
                     if running.metrics_port else "metrics off")
     log.info("embtrain-server listening on %s (gRPC%s), %s, device %s, config %s, state_dir %s",
              running.address, ", TLS" if config.tls_cert else "", metrics_text, running.device,
              config_path or "built-in defaults", config.state_dir if config.persist else "(not persisted)")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", config.drain_seconds)
     await running.stop()
