@@ -429,7 +429,6 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     import torch
 
     from embtrain import _client as sdk
-    from embtrain import _codec as codec
     from embtrain_server import compute
     from embtrain_server.config import ServerConfig
     from embtrain_server.metrics import Metrics
@@ -592,8 +591,8 @@ def render(result: dict[str, Any]) -> str:
         for k, v in prof["stages_ms"].items():
             lines.append(f"| {k} | {v:.3f} | {prof['copies_equivalent'][k]:.1f} |")
         lines.append("")
-        lines.append("Reading `Tensor.data` of a parsed message returns new bytes on every access: "
-                     f"{'yes' if prof['tensor_data_access_makes_new_bytes'] else 'no'}.")
+        lines.append("Reading a decoded request tensor's data makes new bytes on every access: "
+                     f"{'yes' if prof['tensor_data_access_makes_new_bytes'] else 'no (it views the received bytes)'}.")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ResourceExhausted, invalid, is_out_of_memory  # noqa: F401 - re-exported
+from .errors import ResourceExhausted, invalid
 from .losses.base import ComputeContext, Loss, LossOutput, Memory
 
 # Inputs every loss accepts besides its own: sample ids for cross-batch memory and triplet_ids.

@@ -24,7 +24,7 @@ from embtrain.v1 import embtrain_pb2 as pb
 
 from . import compute, losses, optim
 from .config import ServerConfig
-from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, invalid
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, invalid, is_out_of_memory
 from .losses.base import Loss
 from .metrics import Metrics
 from .sessions import Session, SessionStore, parse_spec
@@ -183,7 +183,7 @@ class Service:
                 result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
                                      options=options, training=False)
         except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
-            if not compute.is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             _free(self.device)
             raise ResourceExhausted("inputs.embeddings: the device ran out of memory computing this batch; "
@@ -340,7 +340,7 @@ class Service:
         try:
             out = session.embed(x)
         except RuntimeError as exc:
-            if not compute.is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             _free(self.device)
             raise ResourceExhausted("embeddings: the device ran out of memory; send smaller batches",

@@ -39,20 +39,6 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {"type": "adam", "lr": 1e-3}
 CHECKPOINT_VERSION = 1
 
 
-# The losses that read ``ctx.memory``, for losses that do not declare ``uses_memory`` themselves. A stopgap: a
-# ``uses_memory`` class attribute on each loss (default False in the base class) would keep this in the loss files.
-_MEMORY_LOSSES = frozenset({"contrastive", "multi_similarity", "batch_hard_triplet", "batch_all_triplet",
-                            "triplet_margin"})
-
-
-def uses_memory(cls: type[losses.Loss]) -> bool:
-    """Whether a loss reads the cross-batch memory (a memory for any other loss would be filled and ignored)."""
-    declared = getattr(cls, "uses_memory", None)
-    if declared is not None:
-        return bool(declared)
-    return cls.name in _MEMORY_LOSSES
-
-
 @dataclass(frozen=True)
 class SessionSpec:
     """A validated session configuration (what CreateSession asked for, with defaults filled in)."""
@@ -87,7 +73,7 @@ def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, opti
     if optimizer:
         optim.parse_spec(optimizer, "config.optimizer")
     mem = MEMORY_SCHEMA.parse(memory, "config.memory")
-    if mem["size"] and not uses_memory(cls):
+    if mem["size"] and not cls.uses_memory:
         raise invalid("config.memory.size", f"loss {loss_name!r} does not use a cross-batch memory; leave the "
                       "memory out (size 0)")
     if seed is None:

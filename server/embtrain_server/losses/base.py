@@ -93,6 +93,8 @@ class Loss(ABC):
     family: ClassVar[str] = "native"
     mines_triplets: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    # Reads ``ctx.memory`` (cross-batch memory); a session refuses a memory for any other loss.
+    uses_memory: ClassVar[bool] = False
     # Parameters that are refused with a specific message (e.g. torch's deprecated size_average).
     rejected_params: ClassVar[Mapping[str, str]] = {}
     # Memory growth used for the batch estimate: "n" (linear), "n2" (pairwise), "n2d", "n3" (triplet tensors).

@@ -25,6 +25,7 @@ class BatchAllTriplet(Loss):
     """
 
     name = "batch_all_triplet"
+    uses_memory = True
     description = ("Batch-all triplet loss (Hermans et al. 2017): every valid (anchor, positive, negative) of the "
                    "batch, clamped euclidean distance; mean, mean over active, or sum.")
     inputs = (EMBEDDINGS, LABELS)

@@ -25,6 +25,7 @@ class BatchHardTriplet(Loss):
     """
 
     name = "batch_hard_triplet"
+    uses_memory = True
     description = ("Batch-hard triplet loss (Hermans et al. 2017): per anchor the hardest positive and hardest "
                    "negative, clamped euclidean distance, mean over valid anchors.")
     inputs = (EMBEDDINGS, LABELS)

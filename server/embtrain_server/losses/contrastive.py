@@ -17,40 +17,10 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
-from .distances import pairwise_sq_dists
-
-
-def sq_dists_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``||a_i − b_j||²`` as a float64 [n, m] tensor without grad, exact as LOSSES.md §0.6 asks (differences,
-    or the Gram form with every near-cancelling entry recomputed from differences; see ``distances``)."""
-    with torch.no_grad():
-        return pairwise_sq_dists(a.detach().to(torch.float64), b.detach().to(torch.float64))
-
-
-def sq_dists_with_grad(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
-    """``||a_i − b_j||²`` in ``a``'s dtype, valued at the exact (difference-form) distances and differentiable
-    in ``a`` and ``b`` with the analytic ``2(a_i − b_j)``.
-
-    The gradient flows through the Gram form, which needs O(n·m) memory where autograd of the differences would
-    keep O(n·m·d). Its backward, ``2(Σ_j g_ij)a_i − 2Σ_j g_ij b_j``, cancels like the Gram value does, so it runs
-    in float64: float32 near-duplicates far from the origin still get the gradient of their true difference.
-    """
-    if exact is None:
-        exact = sq_dists_exact(a, b)
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    gram = (a64 * a64).sum(1, keepdim=True) + (b64 * b64).sum(1)[None, :] - 2.0 * (a64 @ b64.T)
-    return (gram + (exact - gram).detach()).to(a.dtype)
-
-
-def check_labels(inputs: Mapping[str, torch.Tensor]) -> None:
-    """``inputs.labels`` must be a vector with one label per embedding row."""
-    n = inputs["embeddings"].shape[0]
-    y = inputs["labels"]
-    if y.dim() != 1 or y.shape[0] != n:
-        raise invalid("inputs.labels", f"shape {list(y.shape)}, expected [{n}] (one label per embedding row)")
+from ._mining import check_labels
+from .distances import sq_dists_with_grad
 
 
 @register
@@ -59,6 +29,7 @@ class ContrastiveLoss(Loss):
     every memory row); the mean is over all of those pairs."""
 
     name = "contrastive"
+    uses_memory = True
     description = (
         "Contrastive loss (Hadsell et al. 2006) over all unordered pairs: same label ½||xi-xj||², different "
         "label ½[margin - ||xi-xj||]_+²; mean (or sum) over the n(n-1)/2 pairs. With cross-batch memory the "
@@ -72,7 +43,7 @@ class ContrastiveLoss(Loss):
     complexity = "n2"
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        check_labels(inputs)
+        check_labels(inputs, inputs["embeddings"].shape[0])
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
         x, y = inputs["embeddings"], inputs["labels"]

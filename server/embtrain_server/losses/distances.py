@@ -312,3 +312,25 @@ __all__ = [
     "SquaredEuclidean", "TorchPairwiseDistance", "clamped_dist", "make_distance", "pair_sq_dists",
     "pairwise_sq_dists", "work_dtype",
 ]
+
+
+def sq_dists_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a_i − b_j||²`` as a float64 [n, m] tensor without grad, exact as LOSSES.md §0.6 asks (differences,
+    or the Gram form with every near-cancelling entry recomputed from differences; see ``distances``)."""
+    with torch.no_grad():
+        return pairwise_sq_dists(a.detach().to(torch.float64), b.detach().to(torch.float64))
+
+
+def sq_dists_with_grad(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
+    """``||a_i − b_j||²`` in ``a``'s dtype, valued at the exact (difference-form) distances and differentiable
+    in ``a`` and ``b`` with the analytic ``2(a_i − b_j)``.
+
+    The gradient flows through the Gram form, which needs O(n·m) memory where autograd of the differences would
+    keep O(n·m·d). Its backward, ``2(Σ_j g_ij)a_i − 2Σ_j g_ij b_j``, cancels like the Gram value does, so it runs
+    in float64: float32 near-duplicates far from the origin still get the gradient of their true difference.
+    """
+    if exact is None:
+        exact = sq_dists_exact(a, b)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    gram = (a64 * a64).sum(1, keepdim=True) + (b64 * b64).sum(1)[None, :] - 2.0 * (a64 @ b64.T)
+    return (gram + (exact - gram).detach()).to(a.dtype)

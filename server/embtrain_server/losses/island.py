@@ -22,7 +22,7 @@ import torch
 from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, ComputeContext, InputSpec, Loss, LossOutput, register
-from .contrastive import check_labels
+from ._mining import check_labels
 
 # Centres with a norm below this have cos := 0 with everything (constant, no gradient) instead of 0/0.
 _MIN_NORM = 1e-8
@@ -132,7 +132,7 @@ class IslandLoss(Loss):
         return None
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        check_labels(inputs)
+        check_labels(inputs, inputs["embeddings"].shape[0])
         d = inputs["embeddings"].shape[1]
         c = inputs.get("centers")
         if c is not None:

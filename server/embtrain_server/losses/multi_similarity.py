@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
-from .contrastive import check_labels
+from ._mining import check_labels
 
 
 @register
@@ -27,6 +27,7 @@ class MultiSimilarityLoss(Loss):
     """Multi-similarity loss (§E.2); ``kept_pairs`` reports the mined (anchor, partner) pairs."""
 
     name = "multi_similarity"
+    uses_memory = True
     description = (
         "Multi-similarity loss (Wang et al. 2019) on cosine similarities with its epsilon pair mining: "
         "(1/alpha)·log(1 + Σ_P' e^{-alpha(S-base)}) + (1/beta)·log(1 + Σ_N' e^{beta(S-base)}), mean over anchors. "
@@ -42,7 +43,7 @@ class MultiSimilarityLoss(Loss):
     complexity = "n2"
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        check_labels(inputs)
+        check_labels(inputs, inputs["embeddings"].shape[0])
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
         x = inputs["embeddings"]

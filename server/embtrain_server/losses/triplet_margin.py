@@ -40,6 +40,7 @@ class TripletMargin(Loss):
     """
 
     name = "triplet_margin"
+    uses_memory = True
     description = ("torch TripletMarginLoss / TripletMarginWithDistanceLoss with a miner (given, all, semihard, "
                    "batch_hard) and distance pairwise_distance(p, eps), squared_euclidean or cosine.")
     inputs = (EMBEDDINGS, OPTIONAL_LABELS, TRIPLETS)

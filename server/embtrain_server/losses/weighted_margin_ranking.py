@@ -25,7 +25,7 @@ import torch
 from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, ComputeContext, InputSpec, Loss, LossOutput, register
-from .contrastive import sq_dists_exact, sq_dists_with_grad
+from .distances import sq_dists_exact, sq_dists_with_grad
 
 # Elements of one [B, n, n] block of the anchor-pair selection (float64): bounds the transient memory.
 _BLOCK_ELEMENTS = 1 << 22
