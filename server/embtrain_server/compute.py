@@ -137,6 +137,16 @@ def head_dtype(head: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in head.parameters()), torch.float32)
 
 
+def require_budget(loss_cls: type[Loss], embeddings: torch.Tensor, candidates: int, budget: int) -> None:
+    """Refuse a batch whose estimated device memory exceeds ``budget`` bytes (0: no limit), before it runs."""
+    n, d = embeddings.shape
+    need = estimate_bytes(loss_cls, n, d, candidates, embeddings.element_size())
+    if budget and need > budget:
+        raise ResourceExhausted(
+            f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
+            f"budget of {budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
+
+
 def run(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: torch.device, compute_dtype: str = "input",
         options: ComputeOptions = ComputeOptions(), head: torch.nn.Module | None = None,
         memory: Memory | None = None, trainable: Sequence[torch.nn.Parameter] = (),

@@ -178,7 +178,9 @@ class Service:
                 result = session.compute(inputs, options, self.config.compute_dtype, self.budget)
                 self.after_step(session)
             else:
-                self.check_budget(loss, inputs)
+                if "embeddings" in inputs:
+                    compute.require_budget(type(loss), inputs["embeddings"], inputs["embeddings"].shape[0],
+                                           self.budget)
                 self.prepare_stateless(loss, inputs)
                 result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
                                      options=options, training=False)
@@ -191,17 +193,6 @@ class Service:
         elapsed = time.perf_counter() - started
         self.metrics.observe_compute(loss.name, elapsed, result.n, result.stats, result.triplets_total)
         return self.encode_result(request_id, result, session.step if session is not None else 0)
-
-    def check_budget(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
-        emb = inputs.get("embeddings")
-        if emb is None or not self.budget:
-            return
-        n, d = emb.shape
-        need = compute.estimate_bytes(type(loss), n, d, n, emb.element_size())
-        if need > self.budget:
-            raise ResourceExhausted(
-                f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
-                f"budget of {self.budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
 
     def prepare_stateless(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
         """Stateful losses used without a session get fresh state (seed 0) unless the request carries it."""

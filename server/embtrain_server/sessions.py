@@ -202,11 +202,7 @@ class Session:
         if self.spec.memory_size and "labels" not in inputs:
             raise invalid("inputs.labels", "required when the session has a cross-batch memory")
         m = emb.shape[0] + (self.memory.fill if self.memory is not None else 0)
-        need = compute.estimate_bytes(type(self.loss), emb.shape[0], emb.shape[1], m, emb.element_size())
-        if estimate_budget and need > estimate_budget:
-            raise ResourceExhausted(
-                f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
-                f"budget of {estimate_budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
+        compute.require_budget(type(self.loss), emb, m, estimate_budget)
         fresh = not self.materialized
         if fresh:
             self.materialize(int(emb.shape[1]))
