@@ -7,6 +7,7 @@ import asyncio
 import json
 import pathlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -98,3 +99,11 @@ def load_vector(name: str) -> dict:
 
 def vector_names(prefix: str = "") -> list[str]:
     return sorted(p.stem for p in VECTORS_DIR.glob(f"{prefix}*.json"))
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

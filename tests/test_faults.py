@@ -32,7 +32,7 @@ from embtrain import _codec as codec
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 from embtrain_server import checkpoint
-from tests.conftest import ServerHandle, base_config
+from tests.conftest import ServerHandle, base_config, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,14 +44,6 @@ def batch_for(i: int, step: int, n: int = 16, d: int = 8, classes: int = 4) -> t
     y[:classes] = np.arange(classes)
     x = g.standard_normal((n, d)) + y[:, None] * 0.7
     return x.astype(np.float32), y.astype(np.int64)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def saved_state(state_dir: pathlib.Path, session: embtrain.Session) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

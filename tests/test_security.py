@@ -28,7 +28,7 @@ from embtrain_server import auth as auth_mod
 from embtrain_server import config as config_mod
 from embtrain_server import server as srv
 from embtrain_server.main import main as server_main
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, wait_until
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef0"
@@ -39,14 +39,6 @@ def batch(n: int = 16, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     g = np.random.default_rng(seed)
     y = np.repeat(np.arange(n // 4), 4)
     return (g.standard_normal((n, d)) + y[:, None]).astype(np.float32), y.astype(np.int64)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---- authentication ---------------------------------------------------------------------------------------

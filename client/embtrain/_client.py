@@ -19,6 +19,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 
 from . import _codec as codec
+from ._structs import struct_to_dict, value_to_python
 from . import _wire
 from ._errors import EmbtrainError, from_rpc_error, from_status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -99,42 +100,22 @@ class ExportedModel:
     step: int
 
 
-def _from_value(v: struct_pb2.Value) -> Any:
-    """A protobuf Value as plain Python. Struct numbers are doubles on the wire; whole ones come back as ``int``
-    (``out_dim`` 64, not 64.0)."""
-    kind = v.WhichOneof("kind")
-    if kind == "struct_value":
-        return _from_struct(v.struct_value)
-    if kind == "list_value":
-        return [_from_value(x) for x in v.list_value.values]
-    if kind == "number_value":
-        x = v.number_value
-        return int(x) if x.is_integer() and abs(x) < 2**53 else x
-    if kind in ("string_value", "bool_value"):
-        return getattr(v, kind)
-    return None
-
-
-def _from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
-    return {k: _from_value(v) for k, v in s.fields.items()}
-
-
 def _session_info(p: pb.SessionInfo) -> SessionInfo:
     c = p.config
-    cfg: dict[str, Any] = {"loss": {"name": c.loss.name, "params": _from_struct(c.loss.params)}}
+    cfg: dict[str, Any] = {"loss": {"name": c.loss.name, "params": struct_to_dict(c.loss.params)}}
     if c.HasField("head"):
-        cfg["head"] = _from_value(c.head)
+        cfg["head"] = value_to_python(c.head)
     if c.HasField("optimizer"):
-        cfg["optimizer"] = _from_struct(c.optimizer)
+        cfg["optimizer"] = struct_to_dict(c.optimizer)
     if c.HasField("memory"):
-        cfg["memory"] = _from_struct(c.memory)
+        cfg["memory"] = struct_to_dict(c.memory)
     if c.HasField("seed"):
         cfg["seed"] = int(c.seed)
     return SessionInfo(
         session_id=p.session_id, loss=c.loss.name, params=cfg["loss"]["params"], step=p.step,
         parameter_count=p.parameter_count, memory_fill=p.memory_fill, memory_size=p.memory_size,
         last_checkpoint_step=p.last_checkpoint_step, last_checkpoint_time=p.last_checkpoint_time,
-        optimizer_state=_from_struct(p.optimizer_state), status=p.status,
+        optimizer_state=struct_to_dict(p.optimizer_state), status=p.status,
         status_message=p.status_message, device=p.device, config=cfg)
 
 

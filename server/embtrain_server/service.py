@@ -19,6 +19,7 @@ from google.protobuf import json_format, struct_pb2
 from safetensors.torch import save as st_save
 
 from embtrain import _codec as codec
+from embtrain._structs import struct_to_dict, value_to_python
 from embtrain import _wire
 from embtrain.v1 import embtrain_pb2 as pb
 
@@ -30,25 +31,6 @@ from .metrics import Metrics
 from .sessions import Session, SessionStore, parse_spec
 
 log = logging.getLogger("embtrain.service")
-
-
-def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    """Struct -> dict, keeping non-finite numbers (``json_format`` refuses them; the binary wire carries them)."""
-    return {k: value_to_python(v) for k, v in s.fields.items()}
-
-
-def value_to_python(v: struct_pb2.Value) -> Any:
-    kind = v.WhichOneof("kind")
-    if kind == "struct_value":
-        return struct_to_dict(v.struct_value)
-    if kind == "list_value":
-        return [value_to_python(x) for x in v.list_value.values]
-    if kind == "number_value":
-        x = v.number_value
-        return int(x) if x.is_integer() and abs(x) < 2**53 else x
-    if kind in ("string_value", "bool_value"):
-        return getattr(v, kind)
-    return None
 
 
 def to_value(x: Any) -> struct_pb2.Value:
