@@ -53,14 +53,15 @@ fuzz: $(STAMP)
 
 bench: bench-losses bench-transport bench-load
 
+# Each benchmark writes its JSON under bench/results/ and its tables into bench/README.md.
 bench-losses: $(STAMP)
-	$(PY) bench/losses.py
+	$(PY) bench/losses.py --out bench/results/losses-cpu.json --markdown bench/results/losses-cpu.md
 
 bench-transport: $(STAMP)
-	$(PY) bench/transport.py
+	$(PY) bench/transport.py --out bench/results/transport-cpu.json --markdown
 
 bench-load: $(STAMP)
-	$(PY) bench/load.py
+	$(PY) bench/load.py --clients 32 --seconds 60 --json bench/results/load-cpu.json --markdown
 
 demo: $(STAMP)
 	$(PY) examples/digits/run_demo.py
