@@ -859,3 +859,24 @@ def test_session_on_cuda_resumes_and_matches_cpu(client: embtrain.Client, make_s
         with torch.no_grad():
             local = et.load_head(resumed.export_model())(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(resumed.embed(x), local, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    {"head": [{"type": "linear", "out_dim": 200_000}]},  # 64 x 200k parameters, with optimiser state
+    {"memory": {"size": 2_000_000}},  # 2M rows of width 64
+], ids=["head", "memory"])
+def test_session_state_over_the_memory_budget_is_refused_before_allocation(
+        make_server: Callable[..., ServerHandle], config: dict) -> None:
+    h = make_server(memory_budget_bytes=64 * 2**20)
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    y = np.repeat(np.arange(4), 4)
+    with h.client() as c:
+        s = c.create_session("batch_hard_triplet", seed=0, **config)
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            s.compute(x, y)
+        assert info.value.fields == ["config"] and "memory budget" in info.value.message
+        after = s.info()
+        assert after.step == 0 and after.parameter_count == 0 and after.memory_fill == 0
+        small = c.create_session("batch_hard_triplet", seed=0, head=[{"type": "linear", "out_dim": 8}],
+                                 memory={"size": 64})
+        assert small.compute(x, y).step == 1

@@ -171,6 +171,18 @@ class Session:
         self._trainable = []
         self.state_external = False
 
+    def state_bytes(self, in_dim: int) -> int:
+        """An upper estimate of the device memory the session's state takes for embeddings of width ``in_dim``:
+        head parameters with their gradients and two optimiser slots each, and the memory bank."""
+        params, dim = 0, in_dim
+        for item in self.spec.head:
+            widths = [*item.get("hidden", []), item["out_dim"]] if "out_dim" in item else []
+            for width in widths:
+                params += dim * width + width
+                dim = width
+        bank = self.spec.memory_size * (dim * 8 + 16)  # float64 rows at most, label and id
+        return 4 * params * 8 + bank
+
     def loss_state_params(self) -> list[torch.nn.Parameter]:
         return [t for t in self.loss.state_tensors().values() if isinstance(t, torch.nn.Parameter) and t.requires_grad]
 
@@ -205,6 +217,12 @@ class Session:
         compute.require_budget(type(self.loss), emb, m, estimate_budget)
         fresh = not self.materialized
         if fresh:
+            need = self.state_bytes(int(emb.shape[1]))
+            if estimate_budget and need > estimate_budget:
+                raise ResourceExhausted(
+                    f"config: this session's head, optimiser state and memory for embeddings of width "
+                    f"{emb.shape[1]} need about {need / 2**20:.0f} MiB, over the server's memory budget of "
+                    f"{estimate_budget / 2**20:.0f} MiB; use a smaller head or memory", field="config")
             self.materialize(int(emb.shape[1]))
         try:
             # Runs after materialising: stateful losses check labels against their state (island's K centres).
