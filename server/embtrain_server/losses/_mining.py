@@ -19,8 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import invalid
+from ..params import Param
 from .base import ComputeContext, LossOutput, Memory
 from .distances import PairDistance, work_dtype
+
+# The hinge parameters of the batch-hard and batch-all losses (LOSSES.md §B.2, §B.3).
+HINGE_PARAMS = (
+    Param("margin", "float", 0.3, "hinge margin (ignored when soft)", minimum=0.0),
+    Param("soft", "bool", False, "softplus(D_ap - D_an) instead of the hinge"),
+)
 
 Tensor = torch.Tensor
 

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import torch
 
 from ..params import Param, Schema
-from ._mining import TripletSink, all_triplets, check_labels, empty_output, make_candidates, make_output
+from ._mining import (HINGE_PARAMS, TripletSink, all_triplets, check_labels, empty_output, make_candidates,
+                      make_output)
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
 from .distances import ClampedEuclidean
 
@@ -30,8 +31,7 @@ class BatchAllTriplet(Loss):
                    "batch, clamped euclidean distance; mean, mean over active, or sum.")
     inputs = (EMBEDDINGS, LABELS)
     schema = Schema((
-        Param("margin", "float", 0.3, "hinge margin (ignored when soft)", minimum=0.0),
-        Param("soft", "bool", False, "softplus(D_ap - D_an) instead of the hinge"),
+        *HINGE_PARAMS,
         Param("reduction", "enum", "mean", "mean over all valid triplets, over the active ones, or sum",
               choices=("mean", "mean_nonzero", "sum")),
     ))

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..params import Param, Schema
-from ._mining import (check_labels, empty_output, evaluate_triplets, make_candidates, make_output,
+from ..params import Schema
+from ._mining import (HINGE_PARAMS, check_labels, empty_output, evaluate_triplets, make_candidates, make_output,
                       mine_batch_hard)
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
 from .distances import ClampedEuclidean
@@ -30,8 +30,7 @@ class BatchHardTriplet(Loss):
                    "negative, clamped euclidean distance, mean over valid anchors.")
     inputs = (EMBEDDINGS, LABELS)
     schema = Schema((
-        Param("margin", "float", 0.3, "hinge margin (ignored when soft)", minimum=0.0),
-        Param("soft", "bool", False, "softplus(D_ap - D_an) instead of the hinge"),
+        *HINGE_PARAMS,
     ))
     mines_triplets = True
 
