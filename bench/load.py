@@ -25,8 +25,6 @@ import json
 import os
 import pathlib
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,18 +38,13 @@ import numpy as np
 from embtrain import _codec as codec
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
+from embtrain_server import process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
 
 
 # ---- the server under load ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (Linux /proc; 0 where unavailable)."""
@@ -65,37 +58,22 @@ def rss_bytes(pid: int) -> int:
 def start_server(device: str = "cpu", workers: int = 4, extra: Sequence[str] = (),
                  timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """An ``embtrain-server`` subprocess on a free loopback port, serving. Returns (process, target)."""
-    port = free_port()
+    port = process.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
          "0", "--no-persist", "--device", device, "--workers", str(workers), "--log-level", "WARNING", *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
-    end = time.monotonic() + timeout
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, target
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > end:
-                proc.kill()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
+    try:
+        process.wait_serving(target, lambda: proc.poll() is None, timeout)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, target
 
 
 def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    return process.stop(proc, grace=60.0)
 
 
 class RssSampler(threading.Thread):

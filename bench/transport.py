@@ -36,7 +36,6 @@ import os
 import pathlib
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -102,14 +101,10 @@ def serve_echo() -> None:
 # ---- subprocesses --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def echo_server() -> Iterator[str]:
+    from embtrain_server import process
+
     proc = subprocess.Popen([sys.executable, __file__, "--serve-echo"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
@@ -117,47 +112,19 @@ def echo_server() -> Iterator[str]:
             raise RuntimeError(f"echo server did not start (exit code {proc.poll()})")
         yield f"127.0.0.1:{int(line)}"
     finally:
-        _stop(proc)
+        process.stop(proc, grace=20.0)
 
 
 @contextlib.contextmanager
 def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterator[tuple[str, str]]:
     """An ``embtrain-server`` subprocess; yields its target and its metrics URL."""
-    import embtrain
+    from embtrain_server import process
 
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", str(metrics_port), "--no-persist", "--device", device, "--drain-seconds", "2",
-           "--workers", str(workers), "--log-level", "WARNING"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        target = f"127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            with embtrain.Client(target, timeout=2.0) as c:
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"embtrain-server exited ({proc.returncode}); see {log_path}")
-                    with contextlib.suppress(embtrain.EmbtrainError):
-                        if c.health() == "SERVING":
-                            break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("embtrain-server did not become SERVING in 120 s")
-                    time.sleep(0.2)
-            yield target, f"http://127.0.0.1:{metrics_port}/metrics"
-        finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    metrics_port = process.free_port()
+    args = ["--metrics-port", str(metrics_port), "--no-persist", "--device", device, "--drain-seconds", "2",
+            "--workers", str(workers), "--log-level", "WARNING"]
+    with process.running(args, log_path=log_path, grace=20.0) as (target, _):
+        yield target, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 # ---- workload ------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ import embtrain
 from embtrain import _codec as codec
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
-from embtrain_server import checkpoint
+from embtrain_server import checkpoint, process
 from tests.conftest import ServerHandle, base_config, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -395,32 +394,17 @@ def test_cancel_in_the_middle_of_a_stream(make_server, tmp_path: pathlib.Path) -
 
 # ---- SIGTERM --------------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# A client that reconnects at once to a restarted server (own subchannels, short backoff).
+FAST_RECONNECT = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 50),
+                  ("grpc.min_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
 
 
 def fast_client(target: str, **kwargs: Any) -> embtrain.Client:
-    """A client that reconnects at once to a restarted server (own subchannels, short backoff)."""
-    return embtrain.Client(target, options=[("grpc.use_local_subchannel_pool", 1),
-                                            ("grpc.initial_reconnect_backoff_ms", 50),
-                                            ("grpc.min_reconnect_backoff_ms", 50),
-                                            ("grpc.max_reconnect_backoff_ms", 200)], **kwargs)
+    return embtrain.Client(target, options=FAST_RECONNECT, **kwargs)
 
 
 def wait_serving(target: str, proc_alive: Callable[[], bool], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    with fast_client(target, timeout=1.0) as c:
-        while time.monotonic() < end:
-            assert proc_alive(), "the server exited while starting"
-            try:
-                if c.health(timeout=1.0) == "SERVING":
-                    return
-            except embtrain.EmbtrainError:
-                pass
-            time.sleep(0.02)
-    raise AssertionError("the server did not start")
+    process.wait_serving(target, proc_alive, timeout, client_options=FAST_RECONNECT, poll=0.02)
 
 
 def server_argv(port: int, state_dir: pathlib.Path, *extra: str) -> list[str]:
@@ -429,7 +413,7 @@ def server_argv(port: int, state_dir: pathlib.Path, *extra: str) -> list[str]:
 
 
 def test_sigterm_during_a_stream(make_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
-    port, state = free_port(), tmp_path / "state"
+    port, state = process.free_port(), tmp_path / "state"
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "embtrain_server.main",
                              *server_argv(port, state, "--checkpoint-every-steps", "0", "--checkpoint-every-seconds",
@@ -611,7 +595,7 @@ class Trainer(threading.Thread):
 def test_sigkill_at_random_moments(make_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     kills = 22
     rng = random.Random(1234)
-    port, state = free_port(), tmp_path / "state"
+    port, state = process.free_port(), tmp_path / "state"
     target = f"127.0.0.1:{port}"
     argv = server_argv(port, state, "--checkpoint-every-steps", "2", "--checkpoint-every-seconds", "0",
                        "--drain-seconds", "1")

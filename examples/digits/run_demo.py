@@ -19,9 +19,6 @@ import os
 import pathlib
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -47,58 +44,21 @@ from digits.train import (  # noqa: E402
     train_side_by_side,
 )
 from embtrain.torch import RemoteLoss  # noqa: E402
+from embtrain_server import process  # noqa: E402
 
 
 # ---- server lifecycle ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
-def running_server(device: str, log_path: pathlib.Path, threads: int = 0,
-                   startup_seconds: float = 90.0) -> Iterator[str]:
-    """Start ``embtrain-server`` in a subprocess on a free loopback port; yield its target; SIGTERM it at the end.
-    ``threads`` > 0 sets its torch CPU threads (``OMP_NUM_THREADS``)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "0", "--no-persist", "--device", device, "--drain-seconds", "5"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        target = f"127.0.0.1:{port}"
-        try:
-            wait_serving(target, proc, startup_seconds, log_path)
-            yield target
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def wait_serving(target: str, proc: subprocess.Popen, seconds: float, log_path: pathlib.Path) -> None:
-    deadline = time.monotonic() + seconds
-    with embtrain.Client(target, timeout=2.0) as client:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"embtrain-server exited with code {proc.returncode}; see {log_path}:\n"
-                                   + log_path.read_text(errors="replace")[-2000:])
-            try:
-                if client.health() == "SERVING":
-                    return
-            except embtrain.EmbtrainError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"embtrain-server did not report SERVING within {seconds:.0f} s; see {log_path}")
-            time.sleep(0.25)
+def running_server(device: str, log_path: pathlib.Path, threads: int = 0) -> Iterator[str]:
+    """``embtrain-server`` in a subprocess on a free loopback port; yields its target; SIGTERM at the end.
+    ``threads`` > 0 sets its torch CPU threads."""
+    args = ["--metrics-port", "0", "--no-persist", "--device", device, "--drain-seconds", "5"]
+    if threads > 0:
+        args += ["--torch-threads", str(threads)]
+    with process.running(args, log_path=log_path, startup_seconds=90.0) as (target, _):
+        yield target
 
 
 # ---- one configuration ---------------------------------------------------------------------------------------

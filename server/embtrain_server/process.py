@@ -1,0 +1,81 @@
+"""Run ``embtrain-server`` as a child process, for the benchmarks, the digits demo and the tests that need a real
+process (signals, restarts): a free loopback port, a wait until the health service says SERVING, and a graceful
+stop (SIGTERM, then SIGKILL after a grace period)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import embtrain
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(target: str, alive: Callable[[], bool], seconds: float = 120.0,
+                 client_options: Sequence[tuple[str, Any]] = (), poll: float = 0.05,
+                 describe: Callable[[], str] = lambda: "") -> None:
+    """Return once the server at ``target`` answers SERVING; raise ``RuntimeError`` if ``alive()`` turns false
+    (the process exited) or ``seconds`` pass. ``describe()`` adds context (e.g. the log's tail) to the error."""
+    deadline = time.monotonic() + seconds
+    with embtrain.Client(target, timeout=2.0, options=client_options) as client:
+        while True:
+            if not alive():
+                raise RuntimeError(f"embtrain-server at {target} exited while starting. {describe()}")
+            with contextlib.suppress(embtrain.EmbtrainError):
+                if client.health(timeout=1.0) == "SERVING":
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embtrain-server at {target} did not report SERVING in {seconds:.0f} s. "
+                                   f"{describe()}")
+            time.sleep(poll)
+
+
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> int:
+    """SIGTERM (the server drains and checkpoints), then SIGKILL if it has not exited after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+@contextlib.contextmanager
+def running(args: Sequence[str] = (), *, log_path: pathlib.Path | None = None, env: Mapping[str, str] | None = None,
+            startup_seconds: float = 120.0, grace: float = 30.0,
+            cwd: str | os.PathLike[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """An ``embtrain-server`` child on a free loopback port with extra flags ``args``; yields (target, process)
+    once it is SERVING and stops it on exit. Its output goes to ``log_path`` (default: discarded)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port), *args]
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path if log_path is not None else os.devnull, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=None if env is None else {**os.environ, **env})
+        target = f"127.0.0.1:{port}"
+
+        def tail() -> str:
+            if log_path is None or not log_path.exists():
+                return ""
+            return f"Log {log_path}:\n" + log_path.read_text(errors="replace")[-2000:]
+
+        try:
+            wait_serving(target, lambda: proc.poll() is None, startup_seconds, describe=tail)
+            yield target, proc
+        finally:
+            stop(proc, grace)
