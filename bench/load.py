@@ -55,7 +55,7 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def start_server(device: str = "cpu", workers: int = 4, extra: Sequence[str] = (),
+def start_server(device: str = "cpu", workers: int = 0, extra: Sequence[str] = (),
                  timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """An ``embtrain-server`` subprocess on a free loopback port, serving. Returns (process, target)."""
     port = process.free_port()
@@ -346,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-in-flight", type=int, default=4, help="batches each client sends ahead of the answers")
     p.add_argument("--stateless", action="store_true", help="stateless requests instead of one session per client")
     p.add_argument("--device", default="cpu", help="server device when this script starts the server")
-    p.add_argument("--workers", type=int, default=4, help="server worker threads when this script starts it")
+    p.add_argument("--workers", type=int, default=0,
+                   help="server worker threads when this script starts it (0: by device)")
     p.add_argument("--target", help="an already running server (default: start one)")
     p.add_argument("--server-pid", type=int, help="with --target: the server's pid, to sample its memory")
     p.add_argument("--token", default=os.environ.get("EMBTRAIN_TOKEN"))

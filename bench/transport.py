@@ -609,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="length of one stream measurement window")
     p.add_argument("--stream-repeats", type=int, default=3)
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight per stream")
-    p.add_argument("--workers", type=int, default=4, help="the embtrain server's --workers")
+    p.add_argument("--workers", type=int, default=0, help="the embtrain server's --workers (0: by device)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--from-json", help="measure nothing: render this earlier result (with --markdown to store it)")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/transport-<device>.json)")

@@ -52,7 +52,7 @@ class ServerHandle:
 
 
 def base_config(**overrides) -> ServerConfig:  # type: ignore[no-untyped-def]
-    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, persist=False, device="cpu", workers=4,
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, persist=False, device="cpu",
                        drain_seconds=2.0)
     return replace(cfg, **overrides).validate()
 

@@ -33,7 +33,7 @@ def test_precedence(tmp_path) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("argv,env,fragment", [
     (["--port", "x"], {}, "--port: expected int"),
     (["--device", "tpu"], {}, "device: expected auto, cpu, cuda or cuda:N"),
-    ([], {"EMBTRAIN_WORKERS": "0"}, "workers: expected >= 1"),
+    ([], {"EMBTRAIN_WORKERS": "-1"}, "workers: expected >= 0"),
     (["--tls-cert", "a.pem"], {}, "tls_cert and tls_key"),
 ])
 def test_bad_configuration_is_refused(argv, env, fragment) -> None:  # type: ignore[no-untyped-def]

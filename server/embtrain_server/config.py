@@ -46,7 +46,9 @@ class ServerConfig:
     keepalive_time_seconds: float = 60.0
     keepalive_timeout_seconds: float = 20.0
     drain_seconds: float = 30.0
-    workers: int = 4  # threads that run decode/compute/encode
+    # Threads that run decode/compute/encode; 0: one on a CPU device (torch already uses every core, and more
+    # calling threads only make their OpenMP teams compete), four on a GPU (CPU work overlaps the kernels).
+    workers: int = 0
     torch_threads: int = 0  # torch's intra-op threads; 0: torch's default (all cores)
     max_batch_elements: int = 64 * 1024 * 1024  # n x d of one request
     default_max_triplets: int = 100_000
@@ -76,7 +78,9 @@ class ServerConfig:
             problems.append("tls_client_ca: needs tls_cert and tls_key (mutual TLS is on top of TLS)")
         if self.torch_threads < 0:
             problems.append(f"torch_threads: expected >= 0 (0: torch's default), got {self.torch_threads}")
-        for name in ("workers", "max_batch_elements", "default_max_triplets", "max_triplets_limit",
+        if self.workers < 0:
+            problems.append(f"workers: expected >= 0 (0: by device), got {self.workers}")
+        for name in ("max_batch_elements", "default_max_triplets", "max_triplets_limit",
                      "max_sessions_per_principal", "max_concurrent_streams", "max_inflight_per_stream",
                      "max_message_bytes"):
             if getattr(self, name) < 1:
@@ -88,6 +92,9 @@ class ServerConfig:
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def worker_threads(self, device_type: str) -> int:
+        return self.workers or (1 if device_type == "cpu" else 4)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

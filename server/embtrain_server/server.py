@@ -132,7 +132,7 @@ async def start(config: ServerConfig) -> RunningServer:
     if loaded or corrupt:
         log.info("restored %d session(s) from %s (%d corrupt, moved aside)", loaded, config.state_dir, corrupt)
     metrics.open_sessions.set(len(store))
-    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="embtrain-worker")
+    executor = ThreadPoolExecutor(max_workers=config.worker_threads(device.type), thread_name_prefix="embtrain-worker")
     service = Service(config, device, store, metrics)
     servicer = Servicer(service, auth, config, metrics, executor)
     server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=None)
