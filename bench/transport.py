@@ -46,6 +46,11 @@ from typing import Any
 
 import grpc
 
+# This process's in-process runs must not leave OpenMP threads spinning on the cores that the server under test
+# needs next: they sleep after each parallel region. The server itself runs with the environment as it was.
+SERVER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 # torch, embtrain and the server package are imported where they are used, so that re-rendering a result
 # (--from-json) needs none of them.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -123,7 +128,8 @@ def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterat
     metrics_port = process.free_port()
     args = ["--metrics-port", str(metrics_port), "--no-persist", "--device", device, "--drain-seconds", "2",
             "--workers", str(workers), "--log-level", "WARNING"]
-    with process.running(args, log_path=log_path, grace=20.0) as (target, _):
+    with process.running(args, log_path=log_path, grace=20.0,
+                         env={"OMP_WAIT_POLICY": SERVER_OMP_WAIT_POLICY}) as (target, _):
         yield target, f"http://127.0.0.1:{metrics_port}/metrics"
 
 

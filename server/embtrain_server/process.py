@@ -55,18 +55,24 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> int:
 
 
 @contextlib.contextmanager
-def running(args: Sequence[str] = (), *, log_path: pathlib.Path | None = None, env: Mapping[str, str] | None = None,
+def running(args: Sequence[str] = (), *, log_path: pathlib.Path | None = None,
+            env: Mapping[str, str | None] | None = None,
             startup_seconds: float = 120.0, grace: float = 30.0,
             cwd: str | os.PathLike[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """An ``embtrain-server`` child on a free loopback port with extra flags ``args``; yields (target, process)
-    once it is SERVING and stops it on exit. Its output goes to ``log_path`` (default: discarded)."""
+    once it is SERVING and stops it on exit. Its output goes to ``log_path`` (default: discarded). ``env`` changes
+    this process's environment for the child (a value of None removes the variable)."""
     port = free_port()
     cmd = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(port), *args]
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path if log_path is not None else os.devnull, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                env=None if env is None else {**os.environ, **env})
+        child_env = None
+        if env is not None:
+            child_env = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+            for k in (k for k, v in env.items() if v is None):
+                child_env.pop(k, None)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=child_env)
         target = f"127.0.0.1:{port}"
 
         def tail() -> str:
