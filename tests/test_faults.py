@@ -446,8 +446,9 @@ def test_sigterm_during_a_stream(make_server, tmp_path: pathlib.Path) -> None:  
         log.close()
     text = (tmp_path / "server.log").read_text()
     assert "shutting down" in text and "checkpointed 2 session(s)" in text, text[-2000:]
-    # the batch in flight at the signal completed and was answered; nothing unanswered was applied
-    assert len(got) >= 4
+    # Every batch the server started was completed and answered, and nothing unanswered was applied (the step
+    # check below). Whether a 4th batch had started when the signal came depends on scheduling: usually it has.
+    assert len(got) >= 3
     h: ServerHandle = make_server(persist=True, state_dir=str(state))
     with h.client() as c:
         steps = {i.session_id: (i.step, i.last_checkpoint_step, i.status) for i in c.list_sessions()}

@@ -880,3 +880,20 @@ def test_session_state_over_the_memory_budget_is_refused_before_allocation(
         small = c.create_session("batch_hard_triplet", seed=0, head=[{"type": "linear", "out_dim": 8}],
                                  memory={"size": 64})
         assert small.compute(x, y).step == 1
+
+
+def test_a_fresh_server_process_restores_its_sessions(tmp_path: pathlib.Path) -> None:
+    """Restoring on start must not depend on anything else having loaded the loss catalog first."""
+    from embtrain_server import process
+
+    args = ["--metrics-port", "0", "--device", "cpu", "--state-dir", str(tmp_path), "--log-level", "WARNING"]
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    y = np.repeat(np.arange(4), 4)
+    with process.running(args) as (target, _), embtrain.Client(target) as c:
+        s = c.create_session("batch_hard_triplet", head={"type": "linear", "out_dim": 4}, seed=1)
+        s.compute(x, y)
+        s.compute(x, y)
+    with process.running(args) as (target, _), embtrain.Client(target) as c:
+        listed = {i.session_id: i for i in c.list_sessions()}
+        assert listed[s.id].status == "ready" and listed[s.id].step == 2
+        assert c.get_session(s.id).compute(x, y).step == 3

@@ -467,6 +467,7 @@ class SessionStore:
         """Load every checkpoint in ``state_dir``; damaged ones are reported and moved aside. (loaded, corrupt)."""
         if self.state_dir is None or not self.state_dir.is_dir():
             return 0, 0
+        losses.load_all()  # a checkpoint names its loss: the whole catalog must be registered first
         checkpoint.remove_stale_temporaries(self.state_dir)
         loaded = bad = 0
         for path in sorted(self.state_dir.glob(f"*{checkpoint.SUFFIX}")):
