@@ -55,17 +55,6 @@ _BY_NAME = {d.name: d for d in _DTYPES}
 _LITTLE = sys.byteorder == "little"
 
 DTYPE_NAMES = tuple(d.name for d in _DTYPES)
-FLOAT_DTYPES = tuple(d.name for d in _DTYPES if d.is_float)
-
-
-def dtype_name(wire: int) -> str:
-    d = _BY_WIRE.get(wire)
-    return d.name if d else f"<unknown dtype {wire}>"
-
-
-def is_float(t: pb.Tensor) -> bool:
-    d = _BY_WIRE.get(t.dtype)
-    return bool(d and d.is_float)
 
 
 def _spec(t: pb.Tensor, data: bytes, field: str) -> tuple[_DType, tuple[int, ...]]:

@@ -45,14 +45,14 @@ class ComputeResult:
     head_output: torch.Tensor | None = None  # detached, on the device (for the memory bank)
 
 
-def validate_inputs(loss_cls: type[Loss], raw: Mapping[str, torch.Tensor], *, max_batch_elements: int,
-                    allow_ids: bool = True) -> dict[str, torch.Tensor]:
+def validate_inputs(loss_cls: type[Loss], raw: Mapping[str, torch.Tensor], *,
+                    max_batch_elements: int) -> dict[str, torch.Tensor]:
     """Generic checks on decoded CPU tensors: names, dtypes, embeddings shape and finiteness, labels/ids length.
 
     Returns the inputs with integer tensors widened to int64. The loss's ``check_inputs`` runs afterwards.
     """
     known = {s.name: s for s in loss_cls.inputs}
-    allowed = set(known) | ({IDS_INPUT} if allow_ids else set())
+    allowed = set(known) | {IDS_INPUT}
     for name in raw:
         if name not in allowed:
             raise invalid(f"inputs.{name}", f"unknown input for loss {loss_cls.name!r}; "

@@ -108,10 +108,6 @@ class Param:
         rng = self.range_text
         return f"{base} {rng}".strip() if rng else base
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.kind, "default": self.default, "range": self.range_text,
-                "choices": list(self.choices), "description": self.description}
-
 
 @dataclass(frozen=True)
 class Schema:

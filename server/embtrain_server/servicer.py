@@ -31,10 +31,10 @@ from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
 from .auth import Authenticator
 from .config import ServerConfig
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unauthenticated, Unavailable
+from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from .metrics import Metrics
 from .service import Service, WireRequest, parse_compute
-from .translate import code_name, to_grpc_status, to_status_proto
+from .translate import to_grpc_status, to_status_proto
 
 log = logging.getLogger("embtrain.servicer")
 T = TypeVar("T")
@@ -369,4 +369,4 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                         pass
 
 
-__all__ = ["Malformed", "Servicer", "Unauthenticated", "code_name", "add_to_server"]
+__all__ = ["Malformed", "Servicer", "add_to_server"]

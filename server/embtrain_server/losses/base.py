@@ -137,18 +137,6 @@ class Loss(ABC):
     def input_spec(cls, name: str) -> InputSpec | None:
         return next((s for s in cls.inputs if s.name == name), None)
 
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "description": cls.description,
-            "family": cls.family,
-            "mines_triplets": cls.mines_triplets,
-            "stateful": cls.stateful,
-            "inputs": [vars(s) | {} for s in cls.inputs],
-            "params": [p.describe() for p in cls.schema.params],
-        }
-
 
 # ---- registry ---------------------------------------------------------------------------------------------
 
