@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import grpc
 import numpy as np
 
-from embtrain import _codec as codec
+from embtrain import codec
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 from embtrain_server import process

@@ -170,7 +170,7 @@ class InProcess:
 
 
 def channel_options() -> list[tuple[str, Any]]:
-    from embtrain._client import DEFAULT_MAX_MESSAGE_BYTES
+    from embtrain.wire import DEFAULT_MAX_MESSAGE_BYTES
 
     return [("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]
@@ -419,7 +419,7 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     wire_resp = service.compute(parsed, "bench")
     local = InProcess(loss, params, device)
     raw = decode_inputs(parsed.inputs)
-    inputs = compute.validate_inputs(type(local.loss), raw, max_batch_elements=1 << 40)
+    inputs = validation.validate_inputs(type(local.loss), raw, max_batch_elements=1 << 40)
     result = local(inputs)
     arr = x.numpy() if dtype != "bfloat16" else x.view(torch.int16).numpy()
     dec = sdk._Decoder(x)
@@ -429,7 +429,7 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
         "client: whole request build (_request, tensors framed by hand)": build,
         "server: parse_compute (tensors stay in the request bytes)": lambda: parse_compute(wire_req),
         "server: decode_inputs (views)": lambda: decode_inputs(parsed.inputs),
-        "server: validate_inputs (dtype, finite, shapes)": lambda: compute.validate_inputs(
+        "server: validate_inputs (dtype, finite, shapes)": lambda: validation.validate_inputs(
             type(local.loss), raw, max_batch_elements=1 << 40),
         "server: compute.run (= in-process)": lambda: local(inputs),
         "server: encode_result (tensors framed by hand)": lambda: service.encode_result("id", result, 0),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from embtrain import _codec as codec
+from embtrain import codec
 from embtrain.v1 import embtrain_pb2 as pb
 
 NUMPY_DTYPES = ["float16", "float32", "float64", "int32", "int64", "bool", "uint8", "int8", "int16"]

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import embtrain
-from embtrain import _codec as codec
+from embtrain import codec
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 from embtrain_server import checkpoint, process
@@ -196,11 +196,11 @@ def test_a_rejected_batch_changes_nothing(strict_server, trained, via: str, kind
         if via == "unary":
             with pytest.raises(grpc.RpcError) as info:
                 stub.Compute(req, timeout=30)
-            err = embtrain._errors.from_rpc_error(info.value)
+            err = embtrain.errors.from_rpc_error(info.value)
         else:
             answers = list(stub.ComputeStream(iter([req]), timeout=30))
             assert len(answers) == 1 and answers[0].request_id == "r"
-            err = embtrain._errors.from_status(answers[0].error)
+            err = embtrain.errors.from_status(answers[0].error)
     assert err.code == code, err
     assert field in err.fields, (err.fields, err.message)
     assert err.message.startswith(field), err.message

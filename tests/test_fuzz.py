@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import embtrain
-from embtrain import _codec as codec
+from embtrain import codec
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 from embtrain_server import losses

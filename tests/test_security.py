@@ -354,7 +354,7 @@ class RawStream:
 
 
 def request(x: np.ndarray, y: np.ndarray, rid: str, session_id: str | None = None) -> pb.ComputeRequest:
-    from embtrain import _codec as codec
+    from embtrain import codec
     req = pb.ComputeRequest(request_id=rid)
     if session_id:
         req.session_id = session_id

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embtrain import _codec as codec
-from embtrain import _wire as wire
+from embtrain import codec
+from embtrain import wire
 from embtrain.v1 import embtrain_pb2 as pb
 
 REQ_MAPS = frozenset({4})

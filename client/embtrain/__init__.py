@@ -10,7 +10,7 @@ server's gradient, and ``load_head``.
 """
 
 from ._client import Client, ComputeResult, ExportedModel, LossInfo, Session, SessionInfo
-from ._errors import (
+from .errors import (
     DeadlineExceeded,
     EmbtrainError,
     FailedPrecondition,

@@ -18,16 +18,15 @@ import grpc
 import numpy as np
 from google.protobuf import json_format, struct_pb2
 
-from . import _codec as codec
-from ._structs import struct_to_dict, value_to_python
-from . import _wire
-from ._errors import EmbtrainError, from_rpc_error, from_status
+from . import codec
+from .structs import struct_to_dict, value_to_python
+from . import wire
+from .errors import EmbtrainError, from_rpc_error, from_status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .v1 import embtrain_pb2 as pb
 from .v1 import embtrain_pb2_grpc as pb_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -158,10 +157,6 @@ class _Decoder:
         return out.clone() if self.device.type == "cpu" else out.to(self.device)
 
 
-# Field numbers of the tensor fields of ComputeRequest / ComputeResponse, framed by hand (see _wire).
-_REQUEST_INPUTS = 4
-_RESPONSE_GRADIENTS = 3
-_RESPONSE_TENSORS = {4: "triplets", 7: "per_item_losses", 11: "triplet_ids"}
 _COMPUTE = "/embtrain.v1.EmbeddingTrainer/Compute"
 _COMPUTE_STREAM = "/embtrain.v1.EmbeddingTrainer/ComputeStream"
 
@@ -169,24 +164,23 @@ _COMPUTE_STREAM = "/embtrain.v1.EmbeddingTrainer/ComputeStream"
 def _result(data: bytes, decoder: Callable[[str], _Decoder]) -> ComputeResult:
     """A ComputeResponse's bytes -> result; ``decoder(request_id)`` says which kind of tensors to return."""
     try:
-        resp, maps, fields = _wire.decode(data, pb.ComputeResponse, frozenset({_RESPONSE_GRADIENTS}),
-                                          frozenset(_RESPONSE_TENSORS))
-    except _wire.WireError as exc:
+        resp, gradients, tensors = wire.decode_compute_response(data)
+    except wire.WireError as exc:
         raise EmbtrainError(grpc.StatusCode.INTERNAL, f"malformed ComputeResponse from the server: {exc}") from None
     dec = decoder(resp.request_id)
     if resp.HasField("error"):
         return ComputeResult(request_id=resp.request_id, error=from_status(resp.error))
-    out = {name: dec(fields[num], name) if num in fields else None for num, name in _RESPONSE_TENSORS.items()}
+    out = {name: dec(tensors[name], name) if name in tensors else None for name in wire.RESPONSE_TENSORS.values()}
     return ComputeResult(
         loss=resp.loss,
-        gradients={k: dec(v, f"gradients.{k}") for k, v in maps[_RESPONSE_GRADIENTS].items()},
+        gradients={k: dec(v, f"gradients.{k}") for k, v in gradients.items()},
         triplets=out["triplets"], triplets_total=resp.triplets_total, triplets_truncated=resp.triplets_truncated,
         triplet_ids=out["triplet_ids"], per_item_losses=out["per_item_losses"],
         stats=dict(resp.stats), step=resp.step, request_id=resp.request_id)
 
 
 class _Stubs:
-    """The generated stub plus Compute / ComputeStream on raw bytes (tensors framed by ``_wire``)."""
+    """The generated stub plus Compute / ComputeStream on raw bytes (tensors framed by ``embtrain.wire``)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self.stub = pb_grpc.EmbeddingTrainerStub(channel)
@@ -207,7 +201,7 @@ class Client:
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float | None = 30.0, *,
                  tls: bool = False, root_certificates: bytes | str | None = None,
                  certificate_chain: bytes | str | None = None, private_key: bytes | str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, load_balancing: str | None = None,
+                 max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, load_balancing: str | None = None,
                  routing_template: str | None = None, options: Iterable[tuple[str, Any]] = ()) -> None:
         self.target = target
         self.timeout = timeout
@@ -322,7 +316,7 @@ class Client:
         req.options.max_triplets = max_triplets
         req.options.per_item_losses = per_item_losses
         try:
-            return req.request_id, _wire.encode(req, {_REQUEST_INPUTS: named}, names={_REQUEST_INPUTS: "inputs"})
+            return req.request_id, wire.encode_compute_request(req, named)
         except codec.TensorError as exc:
             raise ValueError(str(exc)) from None
 

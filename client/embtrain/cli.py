@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ._client import Client
-from ._errors import EmbtrainError
+from .errors import EmbtrainError
 
 
 def _client(args: argparse.Namespace) -> Client:

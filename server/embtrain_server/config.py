@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+from embtrain.wire import DEFAULT_MAX_MESSAGE_BYTES
+
 
 
 def _default_state_dir() -> str:

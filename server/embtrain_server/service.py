@@ -18,12 +18,12 @@ import torch
 from google.protobuf import json_format, struct_pb2
 from safetensors.torch import save as st_save
 
-from embtrain import _codec as codec
-from embtrain._structs import struct_to_dict, value_to_python
-from embtrain import _wire
+from embtrain import codec
+from embtrain.structs import struct_to_dict, value_to_python
+from embtrain import wire
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import compute, losses, optim
+from . import compute, losses, optim, validation
 from .config import ServerConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, invalid, is_out_of_memory
 from .losses.base import Loss
@@ -47,38 +47,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
-
-
-# Field numbers of the tensor fields of ComputeRequest / ComputeResponse (see embtrain/v1/embtrain.proto).
-REQUEST_INPUTS = pb.ComputeRequest.DESCRIPTOR.fields_by_name["inputs"].number
-RESPONSE_GRADIENTS = pb.ComputeResponse.DESCRIPTOR.fields_by_name["gradients"].number
-RESPONSE_TRIPLETS = pb.ComputeResponse.DESCRIPTOR.fields_by_name["triplets"].number
-RESPONSE_PER_ITEM = pb.ComputeResponse.DESCRIPTOR.fields_by_name["per_item_losses"].number
-RESPONSE_TRIPLET_IDS = pb.ComputeResponse.DESCRIPTOR.fields_by_name["triplet_ids"].number
-_RESPONSE_NAMES = {RESPONSE_GRADIENTS: "gradients", RESPONSE_TRIPLETS: "triplets", RESPONSE_PER_ITEM: "per_item_losses",
-                   RESPONSE_TRIPLET_IDS: "triplet_ids"}
-
-
-class WireRequest:
-    """A ComputeRequest read by ``_wire``: ``inputs`` are views of the received bytes (no copy); every other field
-    is the parsed message's."""
-
-    __slots__ = ("inputs", "msg", "size")
-
-    def __init__(self, msg: pb.ComputeRequest, inputs: dict[str, _wire.WireTensor], size: int) -> None:
-        self.msg, self.inputs, self.size = msg, inputs, size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.msg, name)
-
-    def ByteSize(self) -> int:  # noqa: N802 - the protobuf spelling, so metrics treat both alike
-        return self.size
-
-
-def parse_compute(data: bytes) -> WireRequest:
-    """ComputeRequest bytes -> ``WireRequest``. Raises ``_wire.WireError`` for bytes that are no such message."""
-    msg, maps, _ = _wire.decode(data, pb.ComputeRequest, frozenset({REQUEST_INPUTS}))
-    return WireRequest(msg, maps[REQUEST_INPUTS], len(data))
 
 
 def decode_inputs(inputs: Mapping[str, Any], prefix: str = "inputs") -> dict[str, torch.Tensor]:
@@ -137,7 +105,7 @@ class Service:
             raise invalid("target", "set either session_id or loss (an inline loss spec)")
         return None
 
-    def compute(self, req: pb.ComputeRequest | WireRequest, principal: str, session: Session | None = None) -> bytes:
+    def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str, session: Session | None = None) -> bytes:
         """One batch -> the ComputeResponse's bytes. ``req`` is a parsed message or, on the server's fast path,
         a ``WireRequest`` whose tensors view the received bytes."""
         request_id = req.request_id or uuid.uuid4().hex
@@ -151,7 +119,7 @@ class Service:
             if not req.loss.name:
                 raise invalid("loss.name", "expected a loss name (see ListLosses)")
             loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
-        inputs = compute.validate_inputs(type(loss), raw, max_batch_elements=self.config.max_batch_elements)
+        inputs = validation.validate_inputs(type(loss), raw, max_batch_elements=self.config.max_batch_elements)
         if session is None:  # a session runs the loss's checks itself, once its state (e.g. centres) exists
             loss.check_inputs(inputs)
         started = time.perf_counter()
@@ -161,7 +129,7 @@ class Service:
                 self.after_step(session)
             else:
                 if "embeddings" in inputs:
-                    compute.require_budget(type(loss), inputs["embeddings"], inputs["embeddings"].shape[0],
+                    validation.require_budget(type(loss), inputs["embeddings"], inputs["embeddings"].shape[0],
                                            self.budget)
                 self.prepare_stateless(loss, inputs)
                 result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
@@ -185,17 +153,12 @@ class Service:
     def encode_result(self, request_id: str, r: compute.ComputeResult, step: int) -> bytes:
         """The ComputeResponse's bytes: the small fields through protobuf, the tensors framed by hand (one copy)."""
         head = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
-        fields: dict[int, torch.Tensor] = {}
         if r.triplets is not None:
-            fields[RESPONSE_TRIPLETS] = r.triplets
             head.triplets_truncated = r.triplets_total > r.triplets.shape[0]
-        if r.per_item is not None:
-            fields[RESPONSE_PER_ITEM] = r.per_item
-        if r.triplet_ids is not None:
-            fields[RESPONSE_TRIPLET_IDS] = r.triplet_ids
         for k, v in r.stats.items():
             head.stats[k] = v
-        return _wire.encode(head, {RESPONSE_GRADIENTS: r.gradients}, fields, names=_RESPONSE_NAMES)
+        return wire.encode_compute_response(head, r.gradients, {"triplets": r.triplets, "per_item_losses": r.per_item,
+                                                                "triplet_ids": r.triplet_ids})
 
     def after_step(self, session: Session) -> None:
         cfg = self.config
@@ -230,7 +193,7 @@ class Service:
         initial = decode_inputs(c.initial_state, "config.initial_state")
         for name, t in initial.items():
             if t.is_floating_point():
-                compute.require_finite(t, f"config.initial_state.{name}")
+                validation.require_finite(t, f"config.initial_state.{name}")
         loss_cls = losses.get(spec.loss)
         if initial and not loss_cls.stateful:
             raise invalid(f"config.initial_state.{next(iter(initial))}",
@@ -308,7 +271,7 @@ class Service:
             raise ResourceExhausted(
                 f"embeddings: {x.shape[0]} x {x.shape[1]} = {x.numel()} elements, over the server's "
                 f"max_batch_elements ({self.config.max_batch_elements}); send smaller batches", field="embeddings")
-        compute.require_finite(x, "embeddings")
+        validation.require_finite(x, "embeddings")
         session.check_width(int(x.shape[1]), "embeddings")
         try:
             out = session.embed(x)

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from embtrain._wire import WireError
+from embtrain import wire
+from embtrain.errors import status_code
 from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
@@ -33,7 +34,7 @@ from .auth import Authenticator
 from .config import ServerConfig
 from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from .metrics import Metrics
-from .service import Service, WireRequest, parse_compute
+from .service import Service
 from .translate import to_grpc_status, to_status_proto
 
 log = logging.getLogger("embtrain.servicer")
@@ -41,7 +42,6 @@ T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingTrainer"]
 DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
 _END = object()  # end of a stream's requests
-_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,11 @@ def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _parse_compute(data: bytes) -> WireRequest | Malformed:
+def _parse_compute(data: bytes) -> wire.WireRequest | Malformed:
     """ComputeRequest with its tensors left in the received bytes (the service decodes them as views)."""
     try:
-        return parse_compute(data)
-    except WireError:
+        return wire.parse_compute_request(data)
+    except wire.WireError:
         return Malformed(pb.ComputeRequest.DESCRIPTOR.full_name, len(data))
 
 
@@ -202,7 +202,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
 
     # ---- RPCs --------------------------------------------------------------------------------------------
-    async def Compute(self, request: WireRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Compute(self, request: wire.WireRequest, context: grpc.aio.ServicerContext) -> bytes:
         field = "session_id" if not isinstance(request, Malformed) and \
             request.WhichOneof("target") == "session_id" else None
         return await self.unary("Compute", request, context, self.service.compute, field)
@@ -277,7 +277,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                 if resp is None:
                     resp = await self.stream_batch(req, principal, session)
                 code = "OK" if isinstance(resp, bytes) else \
-                    _CODE_BY_VALUE.get(resp.error.code, grpc.StatusCode.UNKNOWN).name
+                    status_code(resp.error.code).name
                 self.metrics.requests.labels(method, code).inc()
                 self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
                 self.metrics.sent_bytes.labels(method).inc(_size(resp))
@@ -296,7 +296,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.open_streams -= 1
             self.metrics.open_streams.dec()
 
-    async def stream_batch(self, req: WireRequest, principal: str, session: Any) -> bytes | pb.ComputeResponse:
+    async def stream_batch(self, req: wire.WireRequest, principal: str, session: Any) -> bytes | pb.ComputeResponse:
         try:
             if session is not None:
                 async with self.lock(session.id):
@@ -309,7 +309,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             return self.error_response(req, err)
 
     @staticmethod
-    def error_response(req: WireRequest | Malformed, err: BaseException) -> pb.ComputeResponse:
+    def error_response(req: wire.WireRequest | Malformed, err: BaseException) -> pb.ComputeResponse:
         request_id = "" if isinstance(req, Malformed) else req.request_id
         return pb.ComputeResponse(request_id=request_id, error=to_status_proto(err))
 

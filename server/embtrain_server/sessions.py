@@ -26,7 +26,7 @@ import torch
 
 from embtrain.heads import HeadSpecError, build_head, normalize_spec, set_generator
 
-from . import checkpoint, compute, losses, optim
+from . import checkpoint, compute, losses, optim, validation
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, invalid
 from .memory import SCHEMA as MEMORY_SCHEMA
 from .memory import MemoryBank
@@ -214,7 +214,7 @@ class Session:
         if self.spec.memory_size and "labels" not in inputs:
             raise invalid("inputs.labels", "required when the session has a cross-batch memory")
         m = emb.shape[0] + (self.memory.fill if self.memory is not None else 0)
-        compute.require_budget(type(self.loss), emb, m, estimate_budget)
+        validation.require_budget(type(self.loss), emb, m, estimate_budget)
         fresh = not self.materialized
         if fresh:
             need = self.state_bytes(int(emb.shape[1]))

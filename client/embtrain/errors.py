@@ -74,6 +74,11 @@ _BY_CODE: dict[grpc.StatusCode, type[EmbtrainError]] = {
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 
+def status_code(value: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a ``google.rpc.Status.code`` number (UNKNOWN for a number gRPC does not define)."""
+    return _CODE_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+
+
 def _violations(status: status_pb2.Status) -> tuple[FieldViolation, ...]:
     out = []
     for detail in status.details:
@@ -90,7 +95,7 @@ def make_error(code: grpc.StatusCode, message: str, violations: tuple[FieldViola
 
 def from_status(status: status_pb2.Status) -> EmbtrainError:
     """An in-band error (a stream batch's ``error``) as an exception."""
-    code = _CODE_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    code = status_code(status.code)
     return make_error(code, status.message, _violations(status))
 
 

@@ -1,24 +1,28 @@
-"""Protobuf framing of the tensor-carrying messages without copying tensor data through protobuf objects.
+"""The Compute wire format, one owner for the SDK and the server: the tensor-carrying messages framed by hand,
+without copying tensor data through protobuf objects.
 
 A protobuf message on the wire is the concatenation of its fields, so a ``ComputeRequest`` / ``ComputeResponse``
 can be written as the small message without its tensors followed by hand-framed tensor fields, and read by walking
-the top-level fields. The bytes are exactly what protobuf itself reads and writes (tests check both directions), so
-peers that use plain protobuf interoperate. Costs per tensor: encoding copies the data once (the final join);
-decoding copies nothing (the tensors view the received bytes).
+the top-level fields. Protobuf parses the framed bytes to the same message, and what protobuf writes decodes here
+to the same tensors (tests check both directions), so peers that use plain protobuf interoperate; the bytes are
+not always identical to protobuf's own (field order within a message may differ). Costs per tensor: encoding
+copies the data once (the final join); decoding copies nothing (the tensors view the received bytes).
 
 Malformed input raises ``TensorError`` (field named) or ``WireError``; neither ever reads out of bounds.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._codec import TensorError, wire_dtype_and_buffer
+from .codec import TensorError, wire_dtype_and_buffer
+from .v1 import embtrain_pb2 as pb
 
 M = TypeVar("M")
+# gRPC's message size limit that the SDK and the server use unless configured otherwise.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _LEN = 2
 
 
@@ -30,7 +34,7 @@ class WireError(ValueError):
 class WireTensor:
     """A tensor field as found on the wire: ``data`` is a read-only view of the received bytes (no copy).
 
-    Quacks like ``embtrain.v1.Tensor`` for ``_codec.decode_numpy`` / ``decode_torch``.
+    Quacks like ``embtrain.v1.Tensor`` for ``codec.decode_numpy`` / ``decode_torch``.
     """
 
     dtype: int
@@ -207,7 +211,62 @@ def decode(wire: bytes, cls: type[M], maps: frozenset[int] = frozenset(), fields
     return msg, found_maps, found
 
 
-if sys.byteorder != "little":  # pragma: no cover - the framing writes host-order buffers
-    raise ImportError("embtrain's wire framing needs a little-endian host")
+# ---- the Compute messages -----------------------------------------------------------------------------------
+# Field numbers come from the generated descriptor, so a change to the .proto cannot leave them stale.
 
-__all__ = ["TensorError", "WireError", "WireTensor", "decode", "encode"]
+def _number(message: Any, name: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[name].number)
+
+
+REQUEST_INPUTS = _number(pb.ComputeRequest, "inputs")
+RESPONSE_GRADIENTS = _number(pb.ComputeResponse, "gradients")
+# The single tensor fields of a ComputeResponse, by number.
+RESPONSE_TENSORS = {_number(pb.ComputeResponse, name): name for name in ("triplets", "per_item_losses", "triplet_ids")}
+_RESPONSE_NAMES = {RESPONSE_GRADIENTS: "gradients", **RESPONSE_TENSORS}
+_RESPONSE_NUMBERS = {name: number for number, name in RESPONSE_TENSORS.items()}
+
+
+class WireRequest:
+    """A ComputeRequest as read by ``parse_compute_request``: ``inputs`` are views of the received bytes (no copy);
+    every other field is the parsed message's."""
+
+    __slots__ = ("inputs", "msg", "size")
+
+    def __init__(self, msg: pb.ComputeRequest, inputs: dict[str, WireTensor], size: int) -> None:
+        self.msg, self.inputs, self.size = msg, inputs, size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.msg, name)
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf spelling, so metrics treat both alike
+        return self.size
+
+
+def encode_compute_request(msg: pb.ComputeRequest, inputs: Mapping[str, Any]) -> bytes:
+    """``msg`` (its ``inputs`` left empty) + named arrays or tensors -> the ComputeRequest's bytes."""
+    return encode(msg, {REQUEST_INPUTS: inputs}, names={REQUEST_INPUTS: "inputs"})
+
+
+def parse_compute_request(data: bytes) -> WireRequest:
+    """ComputeRequest bytes -> ``WireRequest``. Raises ``WireError`` for bytes that are no such message."""
+    msg, maps, _ = decode(data, pb.ComputeRequest, frozenset({REQUEST_INPUTS}))
+    return WireRequest(msg, maps[REQUEST_INPUTS], len(data))
+
+
+def encode_compute_response(head: pb.ComputeResponse, gradients: Mapping[str, Any],
+                            tensors: Mapping[str, Any | None]) -> bytes:
+    """``head`` (the small fields) + ``gradients`` by input name + the single tensor fields by name
+    (``triplets``, ``per_item_losses``, ``triplet_ids``; None leaves one out) -> the ComputeResponse's bytes."""
+    fields = {_RESPONSE_NUMBERS[name]: t for name, t in tensors.items() if t is not None}
+    return encode(head, {RESPONSE_GRADIENTS: gradients}, fields, names=_RESPONSE_NAMES)
+
+
+def decode_compute_response(data: bytes) -> tuple[pb.ComputeResponse, dict[str, WireTensor], dict[str, WireTensor]]:
+    """ComputeResponse bytes -> (the small fields, gradients by input name, single tensor fields by name)."""
+    msg, maps, fields = decode(data, pb.ComputeResponse, frozenset({RESPONSE_GRADIENTS}), frozenset(RESPONSE_TENSORS))
+    return msg, maps[RESPONSE_GRADIENTS], {RESPONSE_TENSORS[n]: t for n, t in fields.items()}
+
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "RESPONSE_GRADIENTS", "RESPONSE_TENSORS", "REQUEST_INPUTS", "TensorError",
+           "WireError", "WireRequest", "WireTensor", "decode", "decode_compute_response", "encode",
+           "encode_compute_request", "encode_compute_response", "parse_compute_request"]
