@@ -207,7 +207,7 @@ def test_a_rejected_batch_changes_nothing(strict_server, trained, via: str, kind
     after = saved_state(state_dir, session), info_tuple(session)
     assert_same_state(before[0], after[0])
     assert before[1] == after[1]
-    assert h.running.servicer.inflight == 0
+    assert h.running.metrics.registry.get_sample_value("embtrain_worker_calls") == 0
 
 
 def test_a_stream_goes_on_after_a_rejected_batch(strict_server, trained) -> None:  # type: ignore[no-untyped-def]
@@ -353,7 +353,7 @@ SESSION_CONFIG: dict[str, Any] = dict(loss="batch_hard_triplet", params={"margin
 def test_cancel_in_the_middle_of_a_stream(make_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     h: ServerHandle = make_server(persist=True, state_dir=str(tmp_path), checkpoint_every_steps=0,
                                   checkpoint_every_seconds=0)
-    servicer = h.running.servicer
+    metric = h.running.metrics.registry.get_sample_value
     with h.client(timeout=60) as c:
         cfg = dict(SESSION_CONFIG)
         s = c.create_session(cfg.pop("loss"), cfg.pop("params"), **cfg)
@@ -372,8 +372,9 @@ def test_cancel_in_the_middle_of_a_stream(make_server, tmp_path: pathlib.Path) -
             if len(got) == 5:
                 break
         answers.close()  # type: ignore[attr-defined] # the SDK cancels the call
-        wait_until(lambda: servicer.open_streams == 0 and servicer.inflight == 0 and servicer.pending_batches == 0
-                   and not servicer.lock(s.id).locked(), what="the server to release the stream")
+        wait_until(lambda: metric("embtrain_open_streams") == 0 and metric("embtrain_worker_calls") == 0
+                   and metric("embtrain_stream_pending_batches") == 0 and not h.running.scheduler.busy(s.id),
+                   what="the server to release the stream")
         step = s.info().step
         assert 5 <= step <= len(sent)  # what was received before the cancel may have been applied
     # the next client continues it, in order

@@ -582,4 +582,4 @@ def test_health_answers_after_the_fuzzing(fuzz_server: ServerHandle, stub: pb_gr
     with fuzz_server.client() as c:
         assert c.health() == "SERVING"
         assert len(c.losses()) == len(LOSS_NAMES)
-    assert fuzz_server.running.servicer.inflight == 0
+    assert fuzz_server.running.metrics.registry.get_sample_value("embtrain_worker_calls") == 0

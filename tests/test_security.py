@@ -26,6 +26,7 @@ from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 from embtrain_server import auth as auth_mod
 from embtrain_server import config as config_mod
+from embtrain_server import losses
 from embtrain_server import server as srv
 from embtrain_server.main import main as server_main
 from tests.conftest import ServerHandle, wait_until
@@ -388,33 +389,41 @@ def test_concurrent_streams_limit(make_server) -> None:  # type: ignore[no-untyp
 
 
 class Gate:
-    """Blocks a session's loss inside ``forward`` (on a worker thread) until opened: makes 'a batch is being
-    computed right now' a state a test can hold."""
+    """Blocks the session's loss class inside ``forward`` (on a worker thread) until opened: makes 'a batch is
+    being computed right now' a state a test can hold. Opening restores the class."""
 
-    def __init__(self, h: ServerHandle, session_id: str, owner: str = auth_mod.ANONYMOUS) -> None:
-        self.session = h.running.servicer.service.store.get(session_id, owner)
+    def __init__(self, h: ServerHandle, session_id: str) -> None:
+        with h.client() as c:
+            name = c.get_session(session_id).info().loss
+        self.cls = losses.get(name)
         self.entered = threading.Event()
         self.opened = threading.Event()
         self.calls = 0
-        loss = self.session.loss
-        original = type(loss).forward
+        self.original = original = self.cls.forward
 
-        def forward(inputs, ctx):  # type: ignore[no-untyped-def]
+        def forward(loss, inputs, ctx):  # type: ignore[no-untyped-def]
             self.calls += 1
             self.entered.set()
             assert self.opened.wait(60), "gate never opened"
             return original(loss, inputs, ctx)
 
-        loss.forward = forward  # type: ignore[method-assign]
+        self.cls.forward = forward  # type: ignore[method-assign]
 
     def open(self) -> None:
         self.opened.set()
+        self.cls.forward = self.original  # type: ignore[method-assign]
+
+
+def gauge(h: ServerHandle, name: str) -> float:
+    """A gauge's value on the server's own metrics registry."""
+    value = h.running.metrics.registry.get_sample_value(name)
+    assert value is not None, f"no metric {name}"
+    return value
 
 
 def test_batches_in_flight_per_stream_are_bounded(make_server) -> None:  # type: ignore[no-untyped-def]
     k = 3
     h: ServerHandle = make_server(max_inflight_per_stream=k)
-    servicer = h.running.servicer
     with h.client() as c:
         sid = c.create_session("batch_hard_triplet").id
     gate = Gate(h, sid)
@@ -424,15 +433,15 @@ def test_batches_in_flight_per_stream_are_bounded(make_server) -> None:  # type:
             x, y = batch(seed=i)
             s.send(request(x, y, f"r{i}", sid))
         assert gate.entered.wait(30)
-        wait_until(lambda: servicer.pending_batches == k, what=f"{k} batches read ahead")
+        wait_until(lambda: gauge(h, "embtrain_stream_pending_batches") == k, what=f"{k} batches read ahead")
         time.sleep(0.3)  # the client has sent all 12; the server must not read further while none is answered
-        assert servicer.pending_batches == k
+        assert gauge(h, "embtrain_stream_pending_batches") == k
         gate.open()
         answers = [s.recv() for _ in range(12)]
         assert [a.request_id for a in answers] == [f"r{i}" for i in range(12)]
         assert [a.step for a in answers] == list(range(1, 13))
         assert not any(a.HasField("error") for a in answers)
-        wait_until(lambda: servicer.pending_batches == 0, what="the window to empty")
+        wait_until(lambda: gauge(h, "embtrain_stream_pending_batches") == 0, what="the window to empty")
     finally:
         gate.open()
         s.close()
@@ -440,7 +449,7 @@ def test_batches_in_flight_per_stream_are_bounded(make_server) -> None:  # type:
 
 def test_an_expired_request_that_has_not_started_never_runs(make_server) -> None:  # type: ignore[no-untyped-def]
     h: ServerHandle = make_server()
-    servicer = h.running.servicer
+    scheduler = h.running.scheduler
     x, y = batch()
     with h.client(timeout=30) as c:
         s = c.create_session("batch_hard_triplet")
@@ -453,12 +462,12 @@ def test_an_expired_request_that_has_not_started_never_runs(make_server) -> None
             # the second batch waits for the first (same session) and its deadline passes while it waits
             with pytest.raises(embtrain.DeadlineExceeded):
                 c.compute(x, y, session_id=s.id, timeout=0.3)
-            wait_until(lambda: servicer.inflight == 1, what="only the running batch to hold a worker")
+            wait_until(lambda: gauge(h, "embtrain_worker_calls") == 1, what="only the running batch to hold a worker")
         finally:
             gate.open()
         t.join(30)
         assert first and first[0].step == 1  # type: ignore[attr-defined]
-        wait_until(lambda: servicer.inflight == 0 and not servicer.lock(s.id).locked(), what="resources freed")
+        wait_until(lambda: gauge(h, "embtrain_worker_calls") == 0 and not scheduler.busy(s.id), what="resources freed")
         assert gate.calls == 1
         assert s.info().step == 1
         assert s.compute(x, y).step == 2  # the session goes on
@@ -466,7 +475,7 @@ def test_an_expired_request_that_has_not_started_never_runs(make_server) -> None
 
 def test_a_cancelled_running_batch_keeps_the_session_order(make_server) -> None:  # type: ignore[no-untyped-def]
     h: ServerHandle = make_server()
-    servicer = h.running.servicer
+    scheduler = h.running.scheduler
     x, y = batch()
     with h.client(timeout=30) as c:
         s = c.create_session("batch_hard_triplet", head={"type": "linear", "out_dim": 4}, seed=3)
@@ -477,10 +486,10 @@ def test_a_cancelled_running_batch_keeps_the_session_order(make_server) -> None:
             assert gate.entered.wait(30)  # the worker runs the batch (the first one also builds the head)
             time.sleep(0.2)
             # the worker still runs the batch: the session stays locked, so nothing can overlap it
-            assert servicer.lock(s.id).locked() and servicer.inflight == 1
+            assert scheduler.busy(s.id) and gauge(h, "embtrain_worker_calls") == 1
         finally:
             gate.open()
-        wait_until(lambda: servicer.inflight == 0 and not servicer.lock(s.id).locked(), what="the batch to end")
+        wait_until(lambda: gauge(h, "embtrain_worker_calls") == 0 and not scheduler.busy(s.id), what="the batch to end")
         assert s.info().step == 1  # it ran to completion (its outcome is visible in the session)
         assert s.compute(x, y).step == 2
 

@@ -112,7 +112,7 @@ def crash(handle: ServerHandle) -> None:
         await handle.running.server.stop(None)
 
     handle.run(stop_now())
-    handle.running.executor.shutdown(wait=True)
+    handle.running.scheduler.shutdown()
     handle.running.metrics.stop()
     handle.loop.call_soon_threadsafe(handle.loop.stop)
     handle.thread.join(timeout=10)

@@ -1,6 +1,8 @@
-"""Checkpoint files: one safetensors file per session (tensors + a JSON record in the header metadata), never
-pickle. A SHA-256 over the record and every tensor's bytes detects corruption and truncation. Writes are atomic:
-temporary file, fsync, rename, fsync of the directory."""
+"""Checkpoints: a session's state encoded as (JSON record, tensors) and back, and the files that hold them.
+
+One safetensors file per session (tensors + the JSON record in the header metadata), never pickle. A SHA-256 over
+the record and every tensor's bytes detects corruption and truncation. Writes are atomic: temporary file, fsync,
+rename, fsync of the directory. When to write is ``persistence.Checkpointer``'s decision."""
 
 from __future__ import annotations
 
@@ -9,12 +11,16 @@ import json
 import os
 import pathlib
 import struct
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from . import training
+from .sessions import Session, SessionSpec
 
 SUFFIX = ".safetensors"
 FORMAT = "embtrain-checkpoint-1"
@@ -114,3 +120,83 @@ def move_aside(path: pathlib.Path) -> pathlib.Path:
         i += 1
     os.replace(path, dest)
     return dest
+
+
+# ---- a session's state <-> (JSON record, tensors) -------------------------------------------------------------
+VERSION = 1
+
+
+def session_to_checkpoint(sess: Session) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON record, tensors): configuration, step, head, loss state, optimiser state (its tensors and its
+    scalars), dropout generator state and memory bank. The schedule position is the step."""
+    tensors: dict[str, torch.Tensor] = {f"initial.{k}": v for k, v in sess.initial_state.items()}
+    ts = sess.state
+    record: dict[str, Any] = {
+        "version": VERSION, "id": sess.id, "owner": sess.owner, "spec": sess.spec.to_dict(), "step": sess.step,
+        "created_time": sess.created_time, "in_dim": ts.in_dim if ts is not None else None,
+        "dtype": ts.dtype if ts is not None else None, "saved_time": time.time(),
+    }
+    if ts is None:
+        return record, tensors
+    if ts.head is not None:
+        tensors.update({f"head.{k}": v for k, v in ts.head.state_dict().items()})
+    tensors.update({f"loss.{k}": v for k, v in ts.loss.state_tensors().items()})
+    tensors["rng.generator"] = ts.generator.get_state()
+    if ts.optimizer is not None:
+        sd = ts.optimizer.state_dict()
+        scalars: dict[str, Any] = {}
+        for idx, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"optim.{idx}.{key}"] = val
+                else:
+                    scalars[f"{idx}.{key}"] = val
+        record["optimizer"] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    if ts.memory is not None:
+        mt, mm = ts.memory.state()
+        tensors.update(mt)
+        record["memory"] = mm
+    return record, tensors
+
+
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def session_from_checkpoint(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                            device: torch.device) -> Session:
+    """Rebuild a session exactly as it was saved. Raises on any inconsistency (the caller reports it)."""
+    if record.get("version", VERSION) != VERSION:
+        raise ValueError(f"checkpoint version {record.get('version')!r}, expected {VERSION}")
+    spec = SessionSpec.from_dict(record["spec"])
+    sess = Session(id=record["id"], owner=record["owner"], spec=spec, device=device,
+                   initial_state=_prefixed(tensors, "initial."), step=int(record["step"]),
+                   created_time=float(record["created_time"]))
+    sess.last_checkpoint_step = sess.step
+    sess.last_checkpoint_time = float(record.get("saved_time", 0.0))
+    if record.get("in_dim") is None:
+        return sess
+    ts = training.build(spec, sess.initial_state, int(record["in_dim"]), device, optimizer=False)
+    ts.dtype = record.get("dtype")
+    if ts.head is not None:
+        ts.head.load_state_dict(_prefixed(tensors, "head."))
+    state = {k: v.to(device) for k, v in _prefixed(tensors, "loss.").items()}
+    if state:
+        ts.loss.load_state_tensors(state)
+    ts.build_optimizer(spec)  # over the parameter objects as loaded (a loss may have replaced its own)
+    ts.generator.set_state(tensors["rng.generator"])
+    if ts.optimizer is not None:
+        saved = record["optimizer"]
+        st: dict[int, dict[str, Any]] = {}
+        for k, v in _prefixed(tensors, "optim.").items():
+            idx, key = k.split(".", 1)
+            st.setdefault(int(idx), {})[key] = v
+        for k, v in saved["scalars"].items():
+            idx, key = k.split(".", 1)
+            st.setdefault(int(idx), {})[key] = v
+        # load_state_dict moves the state tensors to each parameter's device (``step`` stays on the CPU).
+        ts.optimizer.load_state_dict({"state": st, "param_groups": saved["param_groups"]})
+    if ts.memory is not None:
+        ts.memory.load(tensors, record["memory"])
+    sess.state = ts
+    return sess

@@ -1,21 +1,24 @@
 """The compute layer: validated CPU tensors + a loss (+ optional head, memory) -> loss, gradients, triplets.
 
-Knows tensors and loss objects only (no gRPC), so it can be called and tested without a server. Flow:
-``validate_inputs`` (generic checks, then the loss's own) runs on the decoded CPU tensors before anything is
-computed; ``run`` moves them to the device, runs head and loss, takes the gradients and brings the results back
-to the CPU in the input's dtype.
+Knows tensors and loss objects only (no gRPC, no sessions), so it can be called and tested without a server.
+``forward_backward`` moves the inputs to the device once, runs head and loss, takes the gradients of the client's
+inputs and of the session parameters, and brings the wire results back to the CPU in the input's dtype; the
+``Pass`` it returns keeps the device tensors the loss saw, so a training step applies its updates to exactly
+those. ``run`` is the stateless form.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import invalid
 from .losses.base import ComputeContext, Loss, LossOutput, Memory
 from .validation import IDS_INPUT, all_finite
+
+ParamGrads = list[tuple[torch.nn.Parameter, "torch.Tensor | None"]]
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class ComputeOptions:
 
 @dataclass
 class ComputeResult:
+    """What goes on the wire for one batch (CPU tensors, in the input's dtype)."""
+
     loss: float
     gradients: dict[str, torch.Tensor]
     triplets: torch.Tensor | None
@@ -36,10 +41,19 @@ class ComputeResult:
     per_item: torch.Tensor | None
     stats: dict[str, float]
     n: int
+
+
+@dataclass
+class Pass:
+    """One forward and backward: the wire result plus what a training step needs to apply it."""
+
+    result: ComputeResult
     output: LossOutput
-    # Gradients of trainable session parameters (head, loss state), for the session's optimiser.
-    param_grads: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = field(default_factory=list)
-    head_output: torch.Tensor | None = None  # detached, on the device (for the memory bank)
+    # The loss's inputs on the device, as the loss saw them (embeddings after the head, detached).
+    loss_inputs: dict[str, torch.Tensor]
+    ctx: ComputeContext
+    # Gradients of the trainable session parameters (head, loss state), for the session's optimiser.
+    param_grads: ParamGrads
 
 
 def _check_finite(loss_name: str, what: str, t: torch.Tensor) -> None:
@@ -56,72 +70,78 @@ def head_dtype(head: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in head.parameters()), torch.float32)
 
 
+def _to_device(inputs: Mapping[str, torch.Tensor], device: torch.device, compute_dtype: str) -> dict[str, torch.Tensor]:
+    target = None if compute_dtype == "input" else getattr(torch, compute_dtype)
+    return {name: t.to(device=device, dtype=target or t.dtype) if t.is_floating_point() else t.to(device=device)
+            for name, t in inputs.items()}
+
+
+def _grads(loss: torch.Tensor, targets: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d loss / d each target (None where a target needs no gradient or the loss does not depend on it)."""
+    needs = [t.requires_grad for t in targets]
+    if not loss.requires_grad or not any(needs):
+        return [None] * len(targets)
+    it = iter(torch.autograd.grad(loss, [t for t, r in zip(targets, needs) if r], allow_unused=True))
+    return [next(it) if r else None for r in needs]
+
+
 def run(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: torch.device, compute_dtype: str = "input",
-        options: ComputeOptions = ComputeOptions(), head: torch.nn.Module | None = None,
-        memory: Memory | None = None, trainable: Sequence[torch.nn.Parameter] = (),
-        training: bool = True, state_optimized_externally: bool = False) -> ComputeResult:
-    """Run one batch. ``inputs`` are validated CPU tensors; results come back on the CPU.
+        options: ComputeOptions = ComputeOptions()) -> ComputeResult:
+    """One stateless batch: ``inputs`` are validated CPU tensors; the results come back on the CPU."""
+    return forward_backward(loss, inputs, device=device, compute_dtype=compute_dtype, options=options,
+                            training=False).result
+
+
+def forward_backward(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: torch.device,
+                     compute_dtype: str = "input", options: ComputeOptions = ComputeOptions(),
+                     head: torch.nn.Module | None = None, memory: Memory | None = None,
+                     trainable: Sequence[torch.nn.Parameter] = (), training: bool = True,
+                     state_optimized_externally: bool = False) -> Pass:
+    """Run one batch through ``head`` (if any) and ``loss``; nothing is updated.
 
     ``trainable`` are session parameters (head and loss state) whose gradients the session optimiser needs.
     """
     diff_names = [s.name for s in loss.inputs if s.differentiable and s.name in inputs]
-    dev: dict[str, torch.Tensor] = {}
-    for name, t in inputs.items():
-        if t.is_floating_point():
-            target = t.dtype if compute_dtype == "input" else getattr(torch, compute_dtype)
-            t = t.to(device=device, dtype=target)
-        else:
-            t = t.to(device=device)
-        dev[name] = t
     want_grad = options.gradient or bool(trainable)
-    leaves = {}
-    for name in diff_names:
-        leaves[name] = dev[name].detach().requires_grad_(want_grad)
-        dev[name] = leaves[name]
-    loss_inputs = dict(dev)
+    dev = _to_device(inputs, device, compute_dtype)
+    leaves = {name: dev[name].detach().requires_grad_(want_grad) for name in diff_names}
+    loss_inputs = {**dev, **leaves}
     head_params = [p for p in head.parameters() if p.requires_grad] if head is not None else []
+    per_item = options.per_item or loss.returns_per_item
+    ctx = ComputeContext(device=device, max_triplets=options.max_triplets, want_triplets=options.triplets,
+                         want_per_item=per_item, memory=memory, training=training,
+                         state_optimized_externally=state_optimized_externally)
     with torch.set_grad_enabled(want_grad):
         z = None
         if head is not None and "embeddings" in dev:
-            z = head(dev["embeddings"].to(head_dtype(head)))
+            z = head(leaves["embeddings"].to(head_dtype(head)))
             loss_inputs["embeddings"] = z
-        ctx = ComputeContext(device=device, max_triplets=options.max_triplets, want_triplets=options.triplets,
-                             want_per_item=options.per_item, memory=memory, training=training,
-                             state_optimized_externally=state_optimized_externally)
         out = loss.forward(loss_inputs, ctx)
     _check_finite(loss.name, "loss", out.loss)
 
     gradients: dict[str, torch.Tensor] = {}
-    param_grads: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
-    loss_state_params = [p for p in trainable if not any(p is q for q in head_params)]
+    param_grads: ParamGrads = []
     if want_grad:
+        state_params = [p for p in trainable if not any(p is q for q in head_params)]
         # Stage 1: d loss / d (loss inputs) and d loss / d (loss state parameters).
-        loss_targets = {name: loss_inputs[name] for name in diff_names}
         if out.gradients is not None:
-            stage1 = {name: out.gradients.get(name) for name in loss_targets}
-            state_grads = [None] * len(loss_state_params)
+            stage1 = {name: out.gradients.get(name) for name in diff_names}
+            state_grads: list[torch.Tensor | None] = [None] * len(state_params)
         else:
-            targets = list(loss_targets.values()) + list(loss_state_params)
-            needs = [t.requires_grad for t in targets]
-            grads = torch.autograd.grad(out.loss, [t for t, r in zip(targets, needs) if r], allow_unused=True) \
-                if out.loss.requires_grad and any(needs) else []
-            it = iter(grads)
-            full = [next(it) if r else None for r in needs]
-            stage1 = dict(zip(loss_targets, full[:len(loss_targets)]))
-            state_grads = full[len(loss_targets):]
+            full = _grads(out.loss, [loss_inputs[name] for name in diff_names] + state_params)
+            stage1 = dict(zip(diff_names, full[:len(diff_names)]))
+            state_grads = full[len(diff_names):]
         # Stage 2: through the head to the client's embeddings and the head's parameters.
         if z is not None:
             gz = stage1.get("embeddings")
-            if gz is None:
-                gz = torch.zeros_like(z)
-            hx = torch.autograd.grad(z, [leaves["embeddings"], *head_params], grad_outputs=gz, allow_unused=True)
+            hx = torch.autograd.grad(z, [leaves["embeddings"], *head_params],
+                                     grad_outputs=torch.zeros_like(z) if gz is None else gz, allow_unused=True)
             stage1["embeddings"] = hx[0]
             param_grads.extend(zip(head_params, hx[1:]))
-        param_grads.extend(zip(loss_state_params, state_grads))
+        param_grads.extend(zip(state_params, state_grads))
         if options.gradient:
             for name in diff_names:
-                g = stage1.get(name)
-                src = inputs[name]
+                g, src = stage1.get(name), inputs[name]
                 g = torch.zeros(src.shape, dtype=src.dtype) if g is None else g.detach().to("cpu", src.dtype)
                 _check_finite(loss.name, f"gradient of {name}", g)
                 gradients[name] = g
@@ -136,10 +156,10 @@ def run(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: torch.device,
         if memory is not None and memory.ids.numel():
             cand = torch.cat([cand, memory.ids.to("cpu")])
         triplet_ids = cand[triplets] if triplets.numel() else torch.empty((0, 3), dtype=torch.int64)
-    per_item = out.per_item.detach().to("cpu") if (out.per_item is not None and options.per_item) else None
     n = int(inputs["embeddings"].shape[0]) if "embeddings" in inputs else 0
-    return ComputeResult(
+    result = ComputeResult(
         loss=float(out.loss.detach()), gradients=gradients, triplets=triplets, triplets_total=int(out.triplets_total),
-        triplet_ids=triplet_ids, per_item=per_item, stats={k: float(v) for k, v in out.stats.items()}, n=n,
-        output=out, param_grads=param_grads, head_output=None if z is None else z.detach())
-
+        triplet_ids=triplet_ids, per_item=out.per_item.detach().to("cpu") if (out.per_item is not None and per_item)
+        else None, stats={k: float(v) for k, v in out.stats.items()}, n=n)
+    seen = {name: t.detach() for name, t in loss_inputs.items()}
+    return Pass(result, out, seen, ctx, param_grads)

@@ -1,5 +1,6 @@
 """Prometheus metrics, on their own registry (one per server, so tests can run several servers in a process).
-They observe the edges: the servicer records requests, latency and bytes; the service records compute."""
+They observe the edges: the servicer records requests, latency and bytes; the service records compute; the
+scheduler and the stream pump record what is queued."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+
+from .devices import memory_total
 
 # The *_created series double every counter and histogram without telling an operator anything.
 disable_created_metrics()
@@ -50,6 +53,10 @@ class Metrics:
                                          ["loss"], buckets=_FRACTION, registry=r)
         self.open_sessions = Gauge("embtrain_open_sessions", "Sessions held by this server", registry=r)
         self.open_streams = Gauge("embtrain_open_streams", "ComputeStream calls in progress", registry=r)
+        self.stream_pending = Gauge("embtrain_stream_pending_batches",
+                                    "Stream batches received and not yet answered, over all streams", registry=r)
+        self.worker_calls = Gauge("embtrain_worker_calls", "Calls handed to the worker threads and not finished "
+                                  "(queued or running)", registry=r)
         self.checkpoints = Counter("embtrain_checkpoints", "Checkpoint writes, by result", ["result"], registry=r)
         for result in ("ok", "error"):  # both series exist from the start, so increase() sees the first error
             self.checkpoints.labels(result)
@@ -72,9 +79,7 @@ class Metrics:
             return 0.0
 
     def _memory_total(self) -> float:
-        if self.device.type == "cuda":
-            return float(torch.cuda.get_device_properties(self.device).total_memory)
-        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return float(memory_total(self.device))
 
     def observe_compute(self, loss: str, seconds: float, n: int, stats: dict[str, float], active: int) -> None:
         self.compute_seconds.labels(loss).observe(seconds)

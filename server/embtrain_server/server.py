@@ -4,12 +4,10 @@ the server in-process) and ``serve(config)``, the run loop with signal handling 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import pathlib
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -19,27 +17,19 @@ from grpc_reflection.v1alpha import reflection
 
 from embtrain.v1 import embtrain_pb2 as pb
 
+from . import devices
 from .auth import Authenticator, load_tokens
 from .config import ServerConfig
+from .identity import IdentityInterceptor
 from .metrics import Metrics
+from .persistence import Checkpointer
+from .scheduler import Scheduler
 from .service import Service
 from .servicer import Servicer, add_to_server
 from .sessions import SessionStore
 
 log = logging.getLogger("embtrain.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingTrainer"].full_name
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {spec!r} requested but CUDA is not available (use auto or cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return dev
 
 
 def is_loopback(host: str) -> bool:
@@ -93,7 +83,8 @@ class RunningServer:
     servicer: Servicer
     health: health.aio.HealthServicer
     metrics: Metrics
-    executor: ThreadPoolExecutor
+    scheduler: Scheduler
+    checkpointer: Checkpointer
     port: int
     metrics_port: int
     device: torch.device
@@ -111,31 +102,32 @@ class RunningServer:
         if self._periodic is not None:
             self._periodic.cancel()
         await self.server.stop(grace)
-        if self.config.persist:
-            saved = await self.servicer.checkpoint_all()
+        if self.checkpointer.enabled:
+            saved = await self.checkpointer.save_all(self.scheduler)
             log.info("checkpointed %d session(s)", saved)
-        self.executor.shutdown(wait=True)
+        self.scheduler.shutdown()
         self.metrics.stop()
 
 
 async def start(config: ServerConfig) -> RunningServer:
     """Build and start a server (port 0 picks a free port). Raises ``ValueError`` for unusable configuration."""
-    device = resolve_device(config.device)
+    device = devices.resolve(config.device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     auth = Authenticator(load_tokens(config.token_file, config.tokens))
     check_exposure(config, auth)
     metrics = Metrics(device)
-    store = SessionStore(device, config.state_dir if config.persist else None, config.node_id,
-                         config.max_sessions_per_principal)
-    loaded, corrupt = store.restore_all()
+    store = SessionStore(device, config.node_id, config.max_sessions_per_principal)
+    checkpointer = Checkpointer(config, store, metrics)
+    loaded, corrupt = checkpointer.restore_all(device)
     if loaded or corrupt:
         log.info("restored %d session(s) from %s (%d corrupt, moved aside)", loaded, config.state_dir, corrupt)
     metrics.open_sessions.set(len(store))
-    executor = ThreadPoolExecutor(max_workers=config.worker_threads(device.type), thread_name_prefix="embtrain-worker")
-    service = Service(config, device, store, metrics)
-    servicer = Servicer(service, auth, config, metrics, executor)
-    server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=None)
+    scheduler = Scheduler(config.worker_threads(device.type), metrics)
+    service = Service(config, device, store, checkpointer, metrics)
+    servicer = Servicer(service, scheduler, config, metrics)
+    identity = IdentityInterceptor(auth, SERVICE_NAME, mtls=bool(config.tls_client_ca), metrics=metrics)
+    server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=None, interceptors=(identity,))
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -153,17 +145,11 @@ async def start(config: ServerConfig) -> RunningServer:
         metrics_port = metrics.serve(config.metrics_host or config.host, config.metrics_port)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(config, server, servicer, health_servicer, metrics, executor, port, metrics_port, device)
-    if config.persist and config.checkpoint_every_seconds > 0:
-        running._periodic = asyncio.create_task(_periodic_checkpoints(servicer, config.checkpoint_every_seconds))
+    running = RunningServer(config, server, servicer, health_servicer, metrics, scheduler, checkpointer, port,
+                            metrics_port, device)
+    if checkpointer.enabled and config.checkpoint_every_seconds > 0:
+        running._periodic = asyncio.create_task(checkpointer.run_periodic(scheduler))
     return running
-
-
-async def _periodic_checkpoints(servicer: Servicer, every: float) -> None:
-    while True:
-        await asyncio.sleep(min(every, 5.0))
-        with contextlib.suppress(Exception):
-            await servicer.checkpoint_due()
 
 
 async def serve(config: ServerConfig, config_path: str | None = None) -> int:

@@ -1,36 +1,35 @@
 """Transport-agnostic request handlers: ``(request message, principal) -> response message``.
 
-Each handler decodes (wire -> CPU tensors), validates, finds the loss or session, computes on the device and
-encodes the answer. Handlers are synchronous and run on worker threads; the servicer owns threads, locks and
-gRPC. Nothing here imports ``grpc``.
+Each handler decodes (wire -> CPU tensors), validates (``validation``), finds the loss or session, computes
+(``compute`` stateless, ``training`` for a session) and encodes the answer (``embtrain.wire``). Handlers are
+synchronous and run on worker threads (``scheduler``), a session's one at a time; the servicer owns gRPC.
+Nothing here imports ``grpc``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from google.protobuf import json_format, struct_pb2
 from safetensors.torch import save as st_save
 
-from embtrain import codec
+from embtrain import codec, wire
 from embtrain.structs import struct_to_dict, value_to_python
-from embtrain import wire
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import compute, losses, optim, validation
+from . import compute, devices, losses, optim, training, validation
 from .config import ServerConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, invalid, is_out_of_memory
 from .losses.base import Loss
 from .metrics import Metrics
+from .persistence import Checkpointer
 from .sessions import Session, SessionStore, parse_spec
-
-log = logging.getLogger("embtrain.service")
 
 
 def to_value(x: Any) -> struct_pb2.Value:
@@ -76,12 +75,15 @@ def loss_info(cls: type[Loss]) -> pb.LossInfo:
 
 
 class Service:
-    def __init__(self, config: ServerConfig, device: torch.device, store: SessionStore, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, device: torch.device, store: SessionStore, checkpointer: Checkpointer,
+                 metrics: Metrics) -> None:
         self.config = config
         self.device = device
         self.store = store
+        self.checkpointer = checkpointer
         self.metrics = metrics
-        self.budget = config.memory_budget_bytes or int(0.8 * _device_memory(device))
+        self.limits = validation.Limits(config.max_batch_elements,
+                                        config.memory_budget_bytes or int(0.8 * devices.memory_total(device)))
         losses.load_all()
 
     # ---- Compute -----------------------------------------------------------------------------------------
@@ -105,44 +107,37 @@ class Service:
             raise invalid("target", "set either session_id or loss (an inline loss spec)")
         return None
 
-    def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str, session: Session | None = None) -> bytes:
+    def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str) -> bytes:
         """One batch -> the ComputeResponse's bytes. ``req`` is a parsed message or, on the server's fast path,
-        a ``WireRequest`` whose tensors view the received bytes."""
+        a ``WireRequest`` whose tensors view the received bytes. A session batch runs under the session's order
+        (the caller's scheduler)."""
         request_id = req.request_id or uuid.uuid4().hex
         options = self.options(req)
-        if session is None:
-            session = self.session_for(req, principal)
+        session = self.session_for(req, principal)
         raw = decode_inputs(req.inputs)
         if session is not None:
-            loss = session.loss
+            loss_cls = session.loss_cls
+            inputs = validation.check_compute(loss_cls, raw, self.limits, session)
         else:
             if not req.loss.name:
                 raise invalid("loss.name", "expected a loss name (see ListLosses)")
             loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
-        inputs = validation.validate_inputs(type(loss), raw, max_batch_elements=self.config.max_batch_elements)
-        if session is None:  # a session runs the loss's checks itself, once its state (e.g. centres) exists
+            loss_cls = type(loss)
+            inputs = validation.check_compute(loss_cls, raw, self.limits)
             loss.check_inputs(inputs)
         started = time.perf_counter()
-        try:
+        with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
             if session is not None:
-                result = session.compute(inputs, options, self.config.compute_dtype, self.budget)
-                self.after_step(session)
+                result = training.step(session, inputs, options, self.config.compute_dtype)
             else:
-                if "embeddings" in inputs:
-                    validation.require_budget(type(loss), inputs["embeddings"], inputs["embeddings"].shape[0],
-                                           self.budget)
                 self.prepare_stateless(loss, inputs)
                 result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
-                                     options=options, training=False)
-        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError
-            if not is_out_of_memory(exc):
-                raise
-            _free(self.device)
-            raise ResourceExhausted("inputs.embeddings: the device ran out of memory computing this batch; "
-                                    "send smaller batches", field="inputs.embeddings") from None
-        elapsed = time.perf_counter() - started
-        self.metrics.observe_compute(loss.name, elapsed, result.n, result.stats, result.triplets_total)
-        return self.encode_result(request_id, result, session.step if session is not None else 0)
+                                     options=options)
+        self.metrics.observe_compute(loss_cls.name, time.perf_counter() - started, result.n, result.stats,
+                                     result.triplets_total)
+        if session is not None:
+            self.checkpointer.after_step(session)
+        return encode_result(request_id, result, session.step if session is not None else 0)
 
     def prepare_stateless(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
         """Stateful losses used without a session get fresh state (seed 0) unless the request carries it."""
@@ -150,35 +145,17 @@ class Service:
                 s.name in inputs for s in loss.inputs if s.differentiable and s.name != "embeddings"):
             loss.init_state(int(inputs["embeddings"].shape[1]), self.device, torch.Generator().manual_seed(0), {})
 
-    def encode_result(self, request_id: str, r: compute.ComputeResult, step: int) -> bytes:
-        """The ComputeResponse's bytes: the small fields through protobuf, the tensors framed by hand (one copy)."""
-        head = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
-        if r.triplets is not None:
-            head.triplets_truncated = r.triplets_total > r.triplets.shape[0]
-        for k, v in r.stats.items():
-            head.stats[k] = v
-        return wire.encode_compute_response(head, r.gradients, {"triplets": r.triplets, "per_item_losses": r.per_item,
-                                                                "triplet_ids": r.triplet_ids})
-
-    def after_step(self, session: Session) -> None:
-        cfg = self.config
-        if not cfg.persist:
-            return
-        due_steps = cfg.checkpoint_every_steps and session.steps_since_checkpoint >= cfg.checkpoint_every_steps
-        due_time = cfg.checkpoint_every_seconds and session.steps_since_checkpoint and \
-            time.time() - max(session.last_checkpoint_time, session.created_time) >= cfg.checkpoint_every_seconds
-        if due_steps or due_time:
-            self.checkpoint(session)
-
-    def checkpoint(self, session: Session) -> int:
+    @contextlib.contextmanager
+    def _out_of_memory(self, field: str, what: str) -> Iterator[None]:
+        """An allocation failure is RESOURCE_EXHAUSTED naming ``field`` (torch.OutOfMemoryError on CUDA, the CPU
+        allocator's RuntimeError)."""
         try:
-            step = self.store.save(session)
-        except OSError:
-            self.metrics.checkpoints.labels("error").inc()
-            log.exception("writing the checkpoint of session %s failed", session.id)
-            raise
-        self.metrics.checkpoints.labels("ok").inc()
-        return step
+            yield
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            devices.release_cached(self.device)
+            raise ResourceExhausted(f"{field}: {what}; send smaller batches", field=field) from None
 
     # ---- sessions ----------------------------------------------------------------------------------------
     def create_session(self, req: pb.CreateSessionRequest, principal: str) -> pb.CreateSessionResponse:
@@ -194,25 +171,20 @@ class Service:
         for name, t in initial.items():
             if t.is_floating_point():
                 validation.require_finite(t, f"config.initial_state.{name}")
-        loss_cls = losses.get(spec.loss)
-        if initial and not loss_cls.stateful:
-            raise invalid(f"config.initial_state.{next(iter(initial))}",
-                          f"loss {spec.loss!r} keeps no state, so there is nothing to initialise")
-        check = getattr(loss_cls, "check_initial_state", None)
-        if check is not None:
-            check(spec.params, initial)
+        losses.get(spec.loss)(spec.params).check_initial_state(initial)
         session = self.store.create(spec, principal, initial)
         self.metrics.open_sessions.set(len(self.store))
-        if self.config.persist:
-            self.checkpoint(session)
+        self.checkpointer.try_save(session)
         return pb.CreateSessionResponse(session=self.session_info(session))
 
     def session_info(self, s: Session) -> pb.SessionInfo:
+        ts = s.state
         info = pb.SessionInfo(
-            session_id=s.id, step=s.step, parameter_count=s.parameter_count() if s.materialized else 0,
-            memory_fill=s.memory.fill if s.memory is not None else 0, memory_size=s.spec.memory_size,
-            last_checkpoint_step=s.last_checkpoint_step, last_checkpoint_time=s.last_checkpoint_time,
-            status="ready", device=str(s.device), created_time=s.created_time)
+            session_id=s.id, step=s.step, parameter_count=ts.parameter_count() if ts is not None else 0,
+            memory_fill=ts.memory.fill if ts is not None and ts.memory is not None else 0,
+            memory_size=s.spec.memory_size, last_checkpoint_step=s.last_checkpoint_step,
+            last_checkpoint_time=s.last_checkpoint_time, status="ready", device=str(s.device),
+            created_time=s.created_time)
         info.config.loss.name = s.spec.loss
         info.config.loss.params.update(_jsonable(s.spec.params))
         if s.spec.head:
@@ -221,8 +193,8 @@ class Service:
             info.config.optimizer.update(_jsonable(s.spec.optimizer))
         info.config.memory.update({"size": s.spec.memory_size})
         info.config.seed = s.spec.seed
-        if s.optimizer_spec is not None:
-            info.optimizer_state.update(_jsonable(optim.summary(s.optimizer_spec, s.optimizer, s.step)))
+        if ts is not None and ts.optimizer_spec is not None:
+            info.optimizer_state.update(_jsonable(optim.summary(ts.optimizer_spec, ts.optimizer, s.step)))
         return info
 
     def get_session(self, req: pb.GetSessionRequest, principal: str) -> pb.GetSessionResponse:
@@ -239,55 +211,32 @@ class Service:
 
     def close_session(self, req: pb.CloseSessionRequest, principal: str) -> pb.CloseSessionResponse:
         session = self.store.get(req.session_id, principal)
-        if req.keep_checkpoint:
-            if self.store.state_dir is None:
-                raise FailedPrecondition("keep_checkpoint: the server runs without a state_dir (persist: false); "
-                                         "nothing can be kept", field="keep_checkpoint")
-            self.checkpoint(session)
+        self.checkpointer.on_close(session, keep=req.keep_checkpoint)
         info = self.session_info(session)
-        self.store.remove(req.session_id, principal, keep_checkpoint=req.keep_checkpoint)
+        self.store.remove(req.session_id, principal)
         self.metrics.open_sessions.set(len(self.store))
         return pb.CloseSessionResponse(session=info)
 
-    def save_checkpoint(self, req: pb.SaveCheckpointRequest, principal: str,
-                        session: Session | None = None) -> pb.SaveCheckpointResponse:
-        session = session or self.store.get(req.session_id, principal)
-        if self.store.state_dir is None:
-            raise FailedPrecondition("session_id: the server runs without a state_dir (persist: false), so there "
-                                     "is nowhere to write a checkpoint", field="session_id")
-        return pb.SaveCheckpointResponse(step=self.checkpoint(session))
+    def save_checkpoint(self, req: pb.SaveCheckpointRequest, principal: str) -> pb.SaveCheckpointResponse:
+        return pb.SaveCheckpointResponse(step=self.checkpointer.on_request(self.store.get(req.session_id, principal)))
 
     # ---- model -------------------------------------------------------------------------------------------
-    def embed(self, req: pb.EmbedRequest, principal: str, session: Session | None = None) -> pb.EmbedResponse:
+    def embed(self, req: pb.EmbedRequest, principal: str) -> pb.EmbedResponse:
         """The session head's output (eval mode, no training, no step) for a batch of embeddings."""
-        session = session or self.store.get(req.session_id, principal)
-        x = decode_inputs({"embeddings": req.embeddings}, "")["embeddings"]
-        if not x.is_floating_point():
-            raise invalid("embeddings", f"expected a float dtype (float16, bfloat16, float32, float64), got "
-                          f"{str(x.dtype).removeprefix('torch.')}")
-        if x.dim() != 2 or x.shape[1] < 1:
-            raise invalid("embeddings", f"expected 2 dimensions [n, d] with d >= 1, got shape {list(x.shape)}")
-        if x.numel() > self.config.max_batch_elements:
-            raise ResourceExhausted(
-                f"embeddings: {x.shape[0]} x {x.shape[1]} = {x.numel()} elements, over the server's "
-                f"max_batch_elements ({self.config.max_batch_elements}); send smaller batches", field="embeddings")
-        validation.require_finite(x, "embeddings")
-        session.check_width(int(x.shape[1]), "embeddings")
-        try:
-            out = session.embed(x)
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            _free(self.device)
-            raise ResourceExhausted("embeddings: the device ran out of memory; send smaller batches",
-                                    field="embeddings") from None
+        session = self.store.get(req.session_id, principal)
+        x = validation.check_embed(session, decode_inputs({"embeddings": req.embeddings}, "")["embeddings"],
+                                   self.limits)
+        with self._out_of_memory("embeddings", "the device ran out of memory"):
+            out = training.embed(session, x)
         return pb.EmbedResponse(embeddings=codec.encode(out, "embeddings"))
 
-    def export_model(self, req: pb.ExportModelRequest, principal: str,
-                     session: Session | None = None) -> pb.ExportModelResponse:
+    def export_model(self, req: pb.ExportModelRequest, principal: str) -> pb.ExportModelResponse:
         """The head's configuration (JSON) and weights (safetensors), and the loss state (e.g. centres)."""
-        session = session or self.store.get(req.session_id, principal)
-        config, weights, state = session.export()
+        session = self.store.get(req.session_id, principal)
+        if session.state is None:
+            raise FailedPrecondition("session_id: the session has seen no batch yet, so its head has no input "
+                                     "width; send one Compute or Embed first", field="session_id")
+        config, weights, state = training.export(session)
         resp = pb.ExportModelResponse(config_json=json.dumps(_jsonable(config)), weights=st_save(weights),
                                       step=session.step)
         for name, t in state.items():
@@ -298,13 +247,12 @@ class Service:
         return pb.ListLossesResponse(losses=[loss_info(cls) for cls in losses.all_losses()])
 
 
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    import os
-    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def encode_result(request_id: str, r: compute.ComputeResult, step: int) -> bytes:
+    """The ComputeResponse's bytes: the small fields through protobuf, the tensors framed by hand (one copy)."""
+    head = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
+    if r.triplets is not None:
+        head.triplets_truncated = r.triplets_total > r.triplets.shape[0]
+    for k, v in r.stats.items():
+        head.stats[k] = v
+    return wire.encode_compute_response(head, r.gradients, {"triplets": r.triplets, "per_item_losses": r.per_item,
+                                                            "triplet_ids": r.triplet_ids})

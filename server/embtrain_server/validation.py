@@ -5,37 +5,85 @@ decoded CPU tensors, before anything is computed or any state is touched. Statel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ResourceExhausted, invalid
-from .losses.base import Loss
+from .losses.base import EMBEDDINGS, InputSpec, Loss
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sessions import Session, SessionSpec
 
 # Inputs every loss accepts besides its own: sample ids for cross-batch memory and triplet_ids.
 IDS_INPUT = "ids"
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
-def validate_inputs(loss_cls: type[Loss], raw: Mapping[str, torch.Tensor], *,
-                    max_batch_elements: int) -> dict[str, torch.Tensor]:
-    """Generic checks on decoded CPU tensors: names, dtypes, embeddings shape and finiteness, labels/ids length.
+@dataclass(frozen=True)
+class Limits:
+    """The server's limits on one request."""
+
+    max_batch_elements: int
+    memory_budget: int  # bytes of device memory one request may need (estimate); 0: no limit
+
+
+def check_compute(cls: type[Loss], raw: Mapping[str, torch.Tensor], limits: Limits,
+                  session: Session | None = None) -> dict[str, torch.Tensor]:
+    """Every check of a Compute batch that needs no loss state: the inputs against the loss's declared inputs and
+    the limits; for a session, its width, its memory's need for labels and the memory its state will take; the
+    device-memory budget of the batch against every candidate (memory rows included). The loss's own checks follow
+    (``Loss.check_inputs``; in a session once its state exists, as they may need it: island's K centres)."""
+    inputs = validate_inputs(cls, raw, max_batch_elements=limits.max_batch_elements)
+    emb = inputs.get("embeddings")
+    if session is None:
+        if emb is not None:
+            require_budget(cls, emb, emb.shape[0], limits.memory_budget)
+        return inputs
+    if emb is None:
+        raise invalid("inputs.embeddings", "required in a session (the head and the memory act on it)")
+    session.check_width(int(emb.shape[1]))
+    if session.spec.memory_size and "labels" not in inputs:
+        raise invalid("inputs.labels", "required when the session has a cross-batch memory")
+    _require_state_budget(session, int(emb.shape[1]), limits.memory_budget)
+    memory = session.state.memory if session.state is not None else None
+    require_budget(cls, emb, emb.shape[0] + (memory.fill if memory is not None else 0), limits.memory_budget)
+    return inputs
+
+
+def check_embed(session: Session, raw: torch.Tensor, limits: Limits) -> torch.Tensor:
+    """An Embed request's embeddings (the field is ``embeddings``): the same checks as a Compute batch's."""
+    x = validate_inputs((EMBEDDINGS,), {"embeddings": raw}, max_batch_elements=limits.max_batch_elements,
+                        prefix="", owner="Embed", min_rows=0)["embeddings"]
+    session.check_width(int(x.shape[1]), "embeddings")
+    _require_state_budget(session, int(x.shape[1]), limits.memory_budget)
+    return x
+
+
+def validate_inputs(declared: type[Loss] | Sequence[InputSpec], raw: Mapping[str, torch.Tensor], *,
+                    max_batch_elements: int, prefix: str = "inputs.", owner: str | None = None,
+                    min_rows: int = 1) -> dict[str, torch.Tensor]:
+    """Generic checks on decoded CPU tensors against declared inputs (a loss class, or the specs themselves):
+    names, dtypes, embeddings shape, finiteness and size, labels/ids length.
 
     Returns the inputs with integer tensors widened to int64. The loss's ``check_inputs`` runs afterwards.
     """
-    known = {s.name: s for s in loss_cls.inputs}
-    allowed = set(known) | {IDS_INPUT}
+    specs = declared.inputs if isinstance(declared, type) else tuple(declared)
+    what = owner or (f"loss {declared.name!r}" if isinstance(declared, type) else "this call")
+    known = {s.name: s for s in specs}
+    allowed = set(known) | ({IDS_INPUT} if isinstance(declared, type) else set())
     for name in raw:
         if name not in allowed:
-            raise invalid(f"inputs.{name}", f"unknown input for loss {loss_cls.name!r}; "
-                          f"expected one of: {', '.join(sorted(allowed))}")
-    for spec in loss_cls.inputs:
+            raise invalid(f"{prefix}{name}", f"unknown input for {what}; expected one of: {', '.join(sorted(allowed))}")
+    for spec in specs:
         if spec.required and spec.name not in raw:
-            raise invalid(f"inputs.{spec.name}", f"required by loss {loss_cls.name!r} ({spec.dtype} {spec.shape})")
+            raise invalid(f"{prefix}{spec.name}", f"required by {what} ({spec.dtype} {spec.shape})")
     out: dict[str, torch.Tensor] = {}
     for name, t in raw.items():
         kind = known[name].dtype if name in known else "int"
-        where = f"inputs.{name}"
+        where = f"{prefix}{name}"
         if kind == "float":
             if not t.is_floating_point():
                 raise invalid(where, f"expected a float dtype (float16, bfloat16, float32, float64), got {_dt(t)}")
@@ -47,20 +95,21 @@ def validate_inputs(loss_cls: type[Loss], raw: Mapping[str, torch.Tensor], *,
             out[name] = t.to(torch.int64)
     emb = out.get("embeddings")
     if emb is not None:
+        where = f"{prefix}embeddings"
         if emb.dim() != 2:
-            raise invalid("inputs.embeddings", f"expected 2 dimensions [n, d], got shape {list(emb.shape)}")
+            raise invalid(where, f"expected 2 dimensions [n, d], got shape {list(emb.shape)}")
         n, d = emb.shape
-        if n < 1 or d < 1:
-            raise invalid("inputs.embeddings", f"expected n >= 1 rows and d >= 1 columns, got shape [{n}, {d}]")
+        if n < min_rows or d < 1:
+            raise invalid(where, f"expected n >= {min_rows} rows and d >= 1 columns, got shape [{n}, {d}]")
         if n * d > max_batch_elements:
             raise ResourceExhausted(
-                f"inputs.embeddings: {n} x {d} = {n * d} elements, over the server's max_batch_elements "
-                f"({max_batch_elements})", field="inputs.embeddings")
+                f"{where}: {n} x {d} = {n * d} elements, over the server's max_batch_elements "
+                f"({max_batch_elements}); send smaller batches", field=where)
         for name in ("labels", IDS_INPUT):
             t = out.get(name)
             if t is not None and (t.dim() != 1 or t.shape[0] != n):
-                what = f"length {t.shape[0]}" if t.dim() == 1 else f"shape {list(t.shape)}"
-                raise invalid(f"inputs.{name}", f"{what}, expected {n} (one per embedding row)")
+                size = f"length {t.shape[0]}" if t.dim() == 1 else f"shape {list(t.shape)}"
+                raise invalid(f"{prefix}{name}", f"{size}, expected {n} (one per embedding row)")
     return out
 
 
@@ -103,3 +152,28 @@ def require_budget(loss_cls: type[Loss], embeddings: torch.Tensor, candidates: i
         raise ResourceExhausted(
             f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "
             f"budget of {budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
+
+
+def state_bytes(spec: SessionSpec, in_dim: int) -> int:
+    """An upper estimate of the device memory a session's state takes for embeddings of width ``in_dim``: head
+    parameters with their gradients and two optimiser slots each, and the memory bank."""
+    params, dim = 0, in_dim
+    for item in spec.head:
+        widths = [*item.get("hidden", []), item["out_dim"]] if "out_dim" in item else []
+        for width in widths:
+            params += dim * width + width
+            dim = width
+    bank = spec.memory_size * (dim * 8 + 16)  # float64 rows at most, label and id
+    return 4 * params * 8 + bank
+
+
+def _require_state_budget(session: Session, in_dim: int, budget: int) -> None:
+    """A session without state yet builds it for this width: refuse a head and memory over the budget first."""
+    if session.state is not None or not budget:
+        return
+    need = state_bytes(session.spec, in_dim)
+    if need > budget:
+        raise ResourceExhausted(
+            f"config: this session's head, optimiser state and memory for embeddings of width {in_dim} need about "
+            f"{need / 2**20:.0f} MiB, over the server's memory budget of {budget / 2**20:.0f} MiB; use a smaller "
+            "head or memory", field="config")

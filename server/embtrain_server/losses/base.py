@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, invalid
 from ..params import Param, Schema
 
 
@@ -99,6 +99,10 @@ class Loss(ABC):
     rejected_params: ClassVar[Mapping[str, str]] = {}
     # Memory growth used for the batch estimate: "n" (linear), "n2" (pairwise), "n2d", "n3" (triplet tensors).
     complexity: ClassVar[str] = "n2"
+    # Whether the loss moves its own state after a step (``update``: island's centre rules). A loss without such a
+    # rule (PML's learnable losses) has its trainable state stepped by the session's optimiser; a loss with one
+    # hands it to the optimiser only when the client configured an optimiser.
+    has_update_rule: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         self.params: dict[str, Any] = self.schema.parse(params, reject=self.rejected_params)
@@ -106,6 +110,27 @@ class Loss(ABC):
 
     def check_params(self) -> None:
         """Cross-parameter checks (e.g. ``max_dist > min_dist``); raise ``InvalidArgument``."""
+
+    @property
+    def returns_per_item(self) -> bool:
+        """Whether every answer carries the per-item losses: a caller who asked for no reduction gets the list."""
+        return self.params.get("reduction") == "none"
+
+    def check_initial_state(self, initial: Mapping[str, torch.Tensor]) -> None:
+        """Check a session's ``initial_state`` when the session is created, before its first batch fixes the
+        width; raise ``InvalidArgument`` naming ``config.initial_state.<name>``. By default the tensors must be
+        exactly what ``load_state_tensors`` accepts (names and shapes as far as they are known without a width)."""
+        if not initial:
+            return
+        if not self.stateful:
+            raise invalid(f"config.initial_state.{next(iter(initial))}",
+                          f"loss {self.name!r} keeps no state, so there is nothing to initialise")
+        try:
+            type(self)(self.params).load_state_tensors(dict(initial))
+        except InvalidArgument as exc:
+            name = (exc.field or "").removeprefix("state.")
+            field = f"config.initial_state.{name}"
+            raise InvalidArgument(f"{field}: {exc.message.split(': ', 1)[-1]}", field=field) from None
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         """Loss-specific input checks beyond the generic ones (index ranges, lengths); raise ``InvalidArgument``.

@@ -175,16 +175,30 @@ class IslandLoss(Loss):
         )
 
     # ---- session state ---------------------------------------------------------------------------------------
+    def check_initial_state(self, initial: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(set(initial) - {"initial_centers"})
+        if unknown:
+            raise invalid(f"config.initial_state.{unknown[0]}", "not a state of island (expected initial_centers)")
+        given = initial.get("initial_centers")
+        if given is None:
+            return
+        field, k = "config.initial_state.initial_centers", self.params["num_classes"]
+        if given.dim() != 2 or given.shape[0] < 1 or given.shape[1] < 1 or (k is not None and given.shape[0] != k):
+            want = f"[{k}, d] (params.num_classes = {k} rows" if k is not None else "[K, d] (K >= 1 rows"
+            raise invalid(field, f"shape {list(given.shape)}, expected {want}, one centre per class; d is the "
+                          "embedding width after the head)")
+        if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
+            raise invalid(field, "expected finite floating-point values")
+
     def init_state(self, dim: int, device: torch.device, generator: torch.Generator,
                    initial: Mapping[str, torch.Tensor]) -> None:
+        self.check_initial_state(initial)
         k = self.params["num_classes"]
         given = initial.get("initial_centers")
         if given is not None:
-            if given.dim() != 2 or given.shape[1] != dim or given.shape[0] < 1 or (k is not None and given.shape[0] != k):
-                want = f"[{k if k is not None else 'K'}, {dim}]"
-                raise invalid("initial.initial_centers", f"shape {list(given.shape)}, expected {want}")
-            if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
-                raise invalid("initial.initial_centers", "expected finite floating-point values")
+            if given.shape[1] != dim:
+                raise invalid("inputs.embeddings", f"width {dim} (after the head), expected {given.shape[1]} (the "
+                              "width of the session's config.initial_state.initial_centers)")
             centers = given.detach().to(device=device).clone()
         else:
             if k is None:

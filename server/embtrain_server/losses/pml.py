@@ -314,6 +314,7 @@ class _PmlLoss(Loss):
     """Base of the generated classes. An instance holds one configuration and, once built, the PML module."""
 
     family = "pml"
+    has_update_rule = False  # learnable parameters are stepped by the session's optimiser
     inputs = (EMBEDDINGS, LABELS)
     _row: ClassVar[_Row]
 

@@ -1,0 +1,74 @@
+"""Ordering and workers: the batches of one session run one at a time, in arrival order; torch work runs on a
+worker thread pool, never on the event loop.
+
+A cancelled or expired call frees what it holds: if its work has not started it leaves the queue; once it runs it
+cannot be stopped, so the caller waits for it before the cancellation goes through, and the session's order lock
+covers the whole run (the next batch never overlaps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .metrics import Metrics
+
+T = TypeVar("T")
+
+
+class Scheduler:
+    def __init__(self, workers: int, metrics: Metrics) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embtrain-worker")
+        self.metrics = metrics
+        # The order of each session with calls queued or running (asyncio's lock is FIFO), and how many there are:
+        # the entry goes with the last of them, so ids that name no session leave nothing behind.
+        self._order: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def run(self, fn: Callable[..., T], *args: Any, session_id: str | None = None,
+                  cancelled: Callable[[], bool] = lambda: False) -> T:
+        """``fn(*args)`` on a worker; with ``session_id``, after every earlier call of that session has finished.
+        ``cancelled()`` is asked once the order is reached: a call given up while it waited never runs."""
+        if session_id is None:
+            return await self._work(fn, *args)
+        lock, users = self._order.get(session_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._order[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                if cancelled():
+                    raise asyncio.CancelledError
+                return await self._work(fn, *args)
+        finally:
+            lock, users = self._order[session_id]
+            if users == 1:
+                del self._order[session_id]
+            else:
+                self._order[session_id] = (lock, users - 1)
+
+    def busy(self, session_id: str) -> bool:
+        """Whether a call of the session is queued or running."""
+        return session_id in self._order
+
+    async def _work(self, fn: Callable[..., T], *args: Any) -> T:
+        cf = self.executor.submit(fn, *args)
+        fut = asyncio.wrap_future(cf)
+        self.metrics.worker_calls.inc()
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not cf.cancel():
+                while not fut.done():
+                    try:
+                        await asyncio.shield(fut)
+                    except asyncio.CancelledError:
+                        continue
+                    except Exception:  # noqa: BLE001 - the caller is gone; the outcome has nowhere to go
+                        break
+            raise
+        finally:
+            self.metrics.worker_calls.dec()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
