@@ -232,3 +232,29 @@ def test_metrics_move_by_the_right_amounts(make_server) -> None:  # type: ignore
     assert after["embtrain_open_streams"] == 0
     assert any(k.startswith("embtrain_device_memory_bytes{") and v > 0 for k, v in after.items())
     assert not any(re.search(r"session", k) for k in after if "{" in k and "open_sessions" not in k)
+
+
+def test_reduction_none_returns_the_per_item_losses_unasked(client: embtrain.Client) -> None:
+    """A caller who asks for no reduction gets the per-item losses, not only their sum."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    target = rng.standard_normal((6, 3)).astype(np.float32)
+    r = client.compute(input=x, target=target, loss="torch.MSELoss", params={"reduction": "none"})
+    expected = F.mse_loss(torch.from_numpy(x), torch.from_numpy(target), reduction="none").flatten().numpy()
+    assert r.per_item_losses is not None
+    np.testing.assert_array_equal(r.per_item_losses, expected)
+    assert r.loss == pytest.approx(float(expected.sum()), rel=1e-6)
+
+    y = np.repeat(np.arange(3), 2)
+    trip = client.compute(x, y, loss="triplet_margin", params={"reduction": "none", "miner": "all"})
+    asked = client.compute(x, y, loss="triplet_margin", params={"reduction": "none", "miner": "all"},
+                           per_item_losses=True)
+    # one loss per selected triplet (6 anchors x 1 positive x 4 negatives), summing to the returned loss
+    assert trip.per_item_losses is not None and len(trip.per_item_losses) == 24
+    assert trip.loss == pytest.approx(float(trip.per_item_losses.astype(np.float64).sum()), rel=1e-6)
+    np.testing.assert_array_equal(trip.per_item_losses, asked.per_item_losses)
+    # with a reduction, the list still comes only when asked for
+    assert client.compute(x, y, loss="triplet_margin", params={"miner": "all"}).per_item_losses is None

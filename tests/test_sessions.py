@@ -689,10 +689,15 @@ def test_checkpoints_every_n_steps_and_every_t_seconds(make_server: Callable[...
                           checkpoint_every_seconds=0.05)
     with by_time.client() as c:
         s = c.create_session("contrastive", {}, seed=0)
+        created = s.info().last_checkpoint_time
         time.sleep(0.1)
+        before = time.time()
         s.compute(*data[0][:2])
+        after = time.time()
         info = s.info()
-        assert info.last_checkpoint_step == 1 and info.last_checkpoint_time >= info.last_checkpoint_time > 0
+        # the step's own checkpoint: written after the batch arrived, not the one from creation
+        assert info.last_checkpoint_step == 1 and before <= info.last_checkpoint_time <= after
+        assert info.last_checkpoint_time > created
         assert read_checkpoint(checkpoint_file(tmp_path / "b", s.id))[0]["step"] == 1
 
 
@@ -897,3 +902,79 @@ def test_a_fresh_server_process_restores_its_sessions(tmp_path: pathlib.Path) ->
         listed = {i.session_id: i for i in c.list_sessions()}
         assert listed[s.id].status == "ready" and listed[s.id].step == 2
         assert c.get_session(s.id).compute(x, y).step == 3
+
+
+# ---- defects found at the seams ------------------------------------------------------------------------------
+
+def test_a_failed_periodic_checkpoint_does_not_fail_the_applied_step(
+        make_server: Callable[..., ServerHandle], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk after a step: the step was applied, so the batch is answered with its result (a retry would
+    train it twice); the failed write is counted, and the next due checkpoint is written once the disk recovers."""
+    from embtrain_server import checkpoint
+
+    h = make_server(persist=True, state_dir=str(tmp_path), checkpoint_every_steps=1, checkpoint_every_seconds=0)
+    errors = lambda: h.running.metrics.registry.get_sample_value(  # noqa: E731
+        "embtrain_checkpoints_total", {"result": "error"})
+    data = batches(21, 2)
+    with h.client() as c:
+        s = c.create_session("contrastive", {}, seed=0)
+        write = checkpoint.write_atomic
+
+        def disk_full(path: pathlib.Path, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(checkpoint, "write_atomic", disk_full)
+        before = errors()
+        r = s.compute(*data[0][:2])
+        assert r.step == 1 and math.isfinite(r.loss)
+        assert errors() == before + 1
+        info = s.info()
+        assert info.step == 1 and info.last_checkpoint_step == 0  # applied, not yet saved
+        monkeypatch.setattr(checkpoint, "write_atomic", write)
+        assert s.compute(*data[1][:2]).step == 2
+        assert s.info().last_checkpoint_step == 2
+        assert read_checkpoint(checkpoint_file(tmp_path, s.id))[0]["step"] == 2
+
+
+@pytest.mark.parametrize("params, centers, expected", [
+    ({"num_classes": 3}, np.zeros((2, 4), np.float32), "[3, d]"),
+    ({}, np.zeros((4,), np.float32), "[K, d]"),
+    ({}, np.zeros((0, 4), np.float32), "[K, d]"),
+])
+def test_create_session_checks_the_initial_state(client: embtrain.Client, params: dict[str, Any],
+                                                 centers: np.ndarray, expected: str) -> None:
+    """An initial state that no batch could ever use is refused when the session is created (it used to be
+    accepted, and every Compute then failed naming a field no request has)."""
+    before = {i.session_id for i in client.list_sessions()}
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        client.create_session("island", params, initial_state={"initial_centers": centers})
+    assert info.value.fields == ["config.initial_state.initial_centers"]
+    assert expected in info.value.message and str(list(centers.shape)) in info.value.message
+    assert {i.session_id for i in client.list_sessions()} == before  # nothing was created
+
+
+def test_initial_centres_fix_the_width_and_a_wrong_batch_leaves_the_session_usable(client: embtrain.Client) -> None:
+    centers = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    s = client.create_session("island", {"num_classes": 4}, initial_state={"initial_centers": centers}, seed=0)
+    x, y, _ = batches(22, 1, d=5)[0]
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        s.compute(np.zeros((8, 3), np.float32), y)
+    assert info.value.fields == ["inputs.embeddings"] and "initial_centers" in info.value.message
+    assert s.info().step == 0
+    r = s.compute(x, y)
+    assert r.step == 1
+    # the session's first loss is computed from the given centres: compare with a stateless call that sends them
+    ref = client.compute(x, y, loss="island", params={"num_classes": 4, "center_update": "none"}, centers=centers)
+    assert r.loss == ref.loss
+
+
+def test_pml_initial_state_of_the_wrong_shape_is_refused_at_creation(client: embtrain.Client) -> None:
+    pytest.importorskip("pytorch_metric_learning", reason="needs the pml extra: pip install 'embtrain[pml]'")
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        client.create_session("pml.ArcFaceLoss", {"num_classes": 10},
+                              initial_state={"W": np.zeros((8, 5), np.float32)})
+    assert info.value.fields == ["config.initial_state.W"] and "[8, 10]" in info.value.message
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        client.create_session("pml.ArcFaceLoss", {"num_classes": 10},
+                              initial_state={"W": np.zeros((8, 10), np.float32), "V": np.zeros((8, 10), np.float32)})
+    assert info.value.fields == ["config.initial_state.V"] and "expected W" in info.value.message
