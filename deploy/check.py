@@ -45,6 +45,8 @@ EXPORTED_METRICS: dict[str, str] = {
     "embtrain_active_triplet_fraction": "histogram",
     "embtrain_open_sessions": "gauge",
     "embtrain_open_streams": "gauge",
+    "embtrain_stream_pending_batches": "gauge",
+    "embtrain_worker_calls": "gauge",
     "embtrain_device_memory_bytes": "gauge",
     "embtrain_device_memory_limit_bytes": "gauge",
     "embtrain_checkpoints_total": "counter",
