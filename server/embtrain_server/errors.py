@@ -26,10 +26,6 @@ class NotFound(ServiceError):
     code_name = "NOT_FOUND"
 
 
-class AlreadyExists(ServiceError):
-    code_name = "ALREADY_EXISTS"
-
-
 class FailedPrecondition(ServiceError):
     code_name = "FAILED_PRECONDITION"
 
@@ -42,16 +38,8 @@ class Unauthenticated(ServiceError):
     code_name = "UNAUTHENTICATED"
 
 
-class PermissionDenied(ServiceError):
-    code_name = "PERMISSION_DENIED"
-
-
 class Unavailable(ServiceError):
     code_name = "UNAVAILABLE"
-
-
-class DeadlineExceeded(ServiceError):
-    code_name = "DEADLINE_EXCEEDED"
 
 
 def invalid(field: str, expected: str) -> InvalidArgument:

@@ -53,7 +53,3 @@ def to_grpc_status(err: BaseException) -> grpc.Status:
     proto = to_status_proto(err)
     code = grpc_code(err) if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
     return _RpcStatus(code, proto.message, (("grpc-status-details-bin", proto.SerializeToString()),))
-
-
-def code_name(err: BaseException) -> str:
-    return err.code_name if isinstance(err, ServiceError) else "INTERNAL"
