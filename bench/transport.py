@@ -18,8 +18,12 @@ windows, next to the echo at the same concurrency and to the in-process compute 
 A profile section times each stage of one request on its own (client encode, server decode, validation, compute,
 server encode, client decode) against a plain memory copy of the payload.
 
+A framing section times encoding and decoding of 2 MB and 8 MB Compute messages with ``embtrain.wire``'s hand
+framing against plain protobuf objects (no server; ``--only framing`` runs just that, in seconds).
+
     python bench/transport.py [--device cpu|cuda] [--sizes 256,1024,4096] [--dims 128,512]
                               [--dtypes float32,float16] [--repeats 15] [--seconds 3] [--markdown]
+    python bench/transport.py --only framing [--framing-sizes 2,8]
 
 Targets (issue 7): Compute <= in-process + 1.25 x echo (unary); stream rate >= 0.8 x min(in-process rate, echo
 stream rate); decode and encode copy each tensor at most once.
@@ -152,16 +156,16 @@ class InProcess:
     def __init__(self, loss: str, params: dict[str, Any], device: str) -> None:
         import torch
 
-        from embtrain_server import compute, losses
+        from embtrain_server import compute, losses, validation
 
         losses.load_all()
-        self.compute = compute
+        self.compute, self.validation = compute, validation
         self.loss = losses.get(loss)(params)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
 
     def inputs(self, x: Any, y: Any) -> dict[str, Any]:
-        return self.compute.validate_inputs(type(self.loss), {"embeddings": x, "labels": y},
+        return self.validation.validate_inputs(type(self.loss), {"embeddings": x, "labels": y},
                                             max_batch_elements=1 << 40)
 
     def __call__(self, inputs: dict[str, Any]) -> Any:
@@ -402,16 +406,19 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     import torch
 
     from embtrain import _client as sdk
-    from embtrain_server import compute
+    from embtrain.wire import parse_compute_request as parse_compute
+    from embtrain_server import validation
     from embtrain_server.config import ServerConfig
     from embtrain_server.metrics import Metrics
-    from embtrain_server.service import Service, decode_inputs, parse_compute
+    from embtrain_server.persistence import Checkpointer
+    from embtrain_server.service import Service, decode_inputs, encode_result
     from embtrain_server.sessions import SessionStore
 
     x, y = make_batch(n, d, dtype)
     client = sdk.Client.__new__(sdk.Client)  # only _request is used: no channel
-    service = Service(ServerConfig(persist=False, device=device), torch.device(device),
-                      SessionStore(torch.device(device), None), Metrics(torch.device(device)))
+    config, dev = ServerConfig(persist=False, device=device), torch.device(device)
+    store, metrics = SessionStore(dev), Metrics(dev)
+    service = Service(config, dev, store, Checkpointer(config, store, metrics), metrics)
     build = lambda: client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,  # noqa: E731
                                     triplets=True, max_triplets=0, per_item_losses=False)[1]
     wire_req = build()
@@ -427,12 +434,12 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     stages: dict[str, Callable[[], Any]] = {
         REFERENCE: lambda: arr.tobytes(),
         "client: whole request build (_request, tensors framed by hand)": build,
-        "server: parse_compute (tensors stay in the request bytes)": lambda: parse_compute(wire_req),
+        "server: parse_compute_request (tensors stay in the request bytes)": lambda: parse_compute(wire_req),
         "server: decode_inputs (views)": lambda: decode_inputs(parsed.inputs),
         "server: validate_inputs (dtype, finite, shapes)": lambda: validation.validate_inputs(
             type(local.loss), raw, max_batch_elements=1 << 40),
         "server: compute.run (= in-process)": lambda: local(inputs),
-        "server: encode_result (tensors framed by hand)": lambda: service.encode_result("id", result, 0),
+        "server: encode_result (tensors framed by hand)": lambda: encode_result("id", result, 0),
         "client: _result (views; torch results copied once)": lambda: sdk._result(wire_resp, lambda _: dec),
         "server: whole Service.compute": lambda: service.compute(parsed, "bench"),
     }
@@ -453,6 +460,150 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
         "stages_ms": ms, "copies_equivalent": {k: v / copy_ms for k, v in ms.items()},
         "tensor_data_access_makes_new_bytes": bool(data_access_copies),
     }
+
+
+# ---- hand framing vs plain protobuf ----------------------------------------------------------------------------
+# What embtrain.wire's hand framing saves over building and parsing the same messages with protobuf objects, on the
+# SDK and server alike. Needs only the SDK (numpy, torch, protobuf): no server, no gRPC.
+
+FRAMING_SIZES_MB = (2, 8)
+FRAMING_D = 128
+
+
+def _framing_request(size_mb: int) -> dict[str, Any]:
+    """A ComputeRequest of about ``size_mb``: float32 embeddings n x 128 and int64 labels, both ways."""
+    import torch
+
+    from embtrain import codec, wire
+    from embtrain.v1 import embtrain_pb2 as pb
+
+    n = size_mb * MB // (FRAMING_D * 4 + 8)
+    x, y = make_batch(n, FRAMING_D, "float32")
+    head = pb.ComputeRequest(request_id="bench", loss=pb.LossSpec(name="batch_hard_triplet"))
+    head.options.gradient = True
+    named = {"embeddings": x, "labels": y}
+
+    def hand_encode() -> bytes:
+        return wire.encode_compute_request(head, named)
+
+    def protobuf_encode() -> bytes:
+        msg = pb.ComputeRequest()
+        msg.CopyFrom(head)
+        for k, v in named.items():
+            msg.inputs[k].CopyFrom(codec.encode(v, f"inputs.{k}"))
+        return msg.SerializeToString()
+
+    def hand_decode(data: bytes) -> dict[str, torch.Tensor]:
+        req = wire.parse_compute_request(data)
+        return {k: codec.decode_torch(t, f"inputs.{k}") for k, t in req.inputs.items()}
+
+    def protobuf_decode(data: bytes) -> dict[str, torch.Tensor]:
+        msg = pb.ComputeRequest.FromString(data)
+        return {k: codec.decode_torch(t, f"inputs.{k}") for k, t in msg.inputs.items()}
+
+    return {"message": "ComputeRequest", "n": n, "tensors": f"float32 embeddings {n} x {FRAMING_D}, int64 labels {n}",
+            "parse": pb.ComputeRequest.FromString, "expected": named,
+            "hand": (hand_encode, hand_decode), "protobuf": (protobuf_encode, protobuf_decode)}
+
+
+def _framing_response(size_mb: int) -> dict[str, Any]:
+    """A ComputeResponse of about ``size_mb``: float32 gradients n x 128 and int64 triplets n x 3, both ways."""
+    import torch
+
+    from embtrain import codec, wire
+    from embtrain.v1 import embtrain_pb2 as pb
+
+    n = size_mb * MB // (FRAMING_D * 4 + 3 * 8)
+    grad, _ = make_batch(n, FRAMING_D, "float32", seed=1)
+    triplets = torch.randint(0, n, (n, 3), generator=torch.Generator().manual_seed(1))
+    head = pb.ComputeResponse(request_id="bench", loss=0.25, triplets_total=n, step=1)
+
+    def hand_encode() -> bytes:
+        return wire.encode_compute_response(head, {"embeddings": grad}, {"triplets": triplets})
+
+    def protobuf_encode() -> bytes:
+        msg = pb.ComputeResponse()
+        msg.CopyFrom(head)
+        msg.gradients["embeddings"].CopyFrom(codec.encode(grad, "gradients.embeddings"))
+        msg.triplets.CopyFrom(codec.encode(triplets, "triplets"))
+        return msg.SerializeToString()
+
+    def hand_decode(data: bytes) -> dict[str, torch.Tensor]:
+        _, gradients, tensors = wire.decode_compute_response(data)
+        return {"embeddings": codec.decode_torch(gradients["embeddings"], "gradients.embeddings"),
+                "triplets": codec.decode_torch(tensors["triplets"], "triplets")}
+
+    def protobuf_decode(data: bytes) -> dict[str, torch.Tensor]:
+        msg = pb.ComputeResponse.FromString(data)
+        return {"embeddings": codec.decode_torch(msg.gradients["embeddings"], "gradients.embeddings"),
+                "triplets": codec.decode_torch(msg.triplets, "triplets")}
+
+    return {"message": "ComputeResponse", "n": n,
+            "tensors": f"float32 gradients {n} x {FRAMING_D}, int64 triplets {n} x 3",
+            "parse": pb.ComputeResponse.FromString, "expected": {"embeddings": grad, "triplets": triplets},
+            "hand": (hand_encode, hand_decode), "protobuf": (protobuf_encode, protobuf_decode)}
+
+
+def bench_framing(sizes_mb: Sequence[int], warmup: int, repeats: int) -> dict[str, Any]:
+    """Encode (message with its tensors -> bytes) and decode (bytes -> CPU torch tensors) of ComputeRequest and
+    ComputeResponse payloads, hand framing against plain protobuf: median ms, and the ratio protobuf / hand."""
+    import torch
+
+    rows = []
+    for size_mb in sizes_mb:
+        for case in (_framing_request(size_mb), _framing_response(size_mb)):
+            (hand_enc, hand_dec), (pb_enc, pb_dec) = case["hand"], case["protobuf"]
+            hand_bytes, pb_bytes = hand_enc(), pb_enc()
+            # Both sides carry the same message and tensors, or the comparison means nothing.
+            assert case["parse"](hand_bytes) == case["parse"](pb_bytes), "hand framing and protobuf disagree"
+            for dec in (hand_dec, pb_dec):
+                for data in (hand_bytes, pb_bytes):
+                    out = dec(data)
+                    assert all(torch.equal(out[k], v) for k, v in case["expected"].items())
+            runs: dict[str, Callable[[], Any]] = {
+                "hand_encode": hand_enc, "protobuf_encode": pb_enc,
+                "hand_decode": lambda: hand_dec(hand_bytes), "protobuf_decode": lambda: pb_dec(pb_bytes),
+                # the scale: one plain copy of the payload's bytes
+                "copy": lambda: bytearray(hand_bytes),
+            }
+            for _ in range(warmup):
+                for fn in runs.values():
+                    fn()
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(repeats):
+                for k, fn in runs.items():  # interleaved: background noise hits both alike
+                    times[k].append(timed(fn))
+            ms = {k: median_ms(v) for k, v in times.items()}
+            rows.append({
+                "message": case["message"], "target_mb": size_mb, "bytes": len(hand_bytes), "n": case["n"],
+                "tensors": case["tensors"], **{f"{k}_ms": v for k, v in ms.items()},
+                "encode_ratio": ms["protobuf_encode"] / ms["hand_encode"],
+                "decode_ratio": ms["protobuf_decode"] / ms["hand_decode"],
+            })
+            r = rows[-1]
+            print(f"  framing {r['message']} {_size(r['bytes'])}: encode hand {r['hand_encode_ms']:.2f} ms, protobuf "
+                  f"{r['protobuf_encode_ms']:.2f} ms ({r['encode_ratio']:.1f}x); decode hand "
+                  f"{r['hand_decode_ms']:.3f} ms, protobuf {r['protobuf_decode_ms']:.2f} ms "
+                  f"({r['decode_ratio']:.1f}x)", flush=True)
+    return {"warmup": warmup, "repeats": repeats, "rows": rows}
+
+
+def render_framing(framing: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**Hand framing vs plain protobuf** (`embtrain.wire` against building / parsing the same message with "
+        f"protobuf objects; no gRPC; median ms of {framing['repeats']} after {framing['warmup']} warm-up runs). "
+        "Encode: the message with its tensors -> bytes. Decode: bytes -> CPU torch tensors (views of the bytes by "
+        "hand; protobuf's accessor copies each tensor's bytes out of the message first). Ratio = protobuf / hand.",
+        "",
+        "| message | size | tensors | encode hand | encode protobuf | ratio | decode hand | decode protobuf | ratio "
+        "| one copy of the bytes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in framing["rows"]:
+        lines.append(f"| {r['message']} | {_size(r['bytes'])} | {r['tensors']} | {r['hand_encode_ms']:.2f} | "
+                     f"{r['protobuf_encode_ms']:.2f} | {r['encode_ratio']:.1f}x | {r['hand_decode_ms']:.3f} | "
+                     f"{r['protobuf_decode_ms']:.2f} | {r['decode_ratio']:.1f}x | {r['copy_ms']:.2f} |")
+    return lines
 
 
 # ---- report --------------------------------------------------------------------------------------------------
@@ -566,7 +717,22 @@ def render(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Reading a decoded request tensor's data makes new bytes on every access: "
                      f"{'yes' if prof['tensor_data_access_makes_new_bytes'] else 'no (it views the received bytes)'}.")
+    if result.get("framing"):
+        lines += ["", *render_framing(result["framing"])]
     return "\n".join(lines)
+
+
+def render_framing_only(result: dict[str, Any]) -> str:
+    """The report of ``--only framing``: the machine, then the framing table."""
+    m = result["machine"]
+    return "\n".join([
+        "### Hand framing vs plain protobuf",
+        "",
+        f"Machine: {m['cpu']}, {_cores(m)}; Python {m['python']}, torch {m['torch']}, protobuf "
+        f"{m.get('protobuf', '?')}, numpy {m['numpy']}; {m['date']}.",
+        "",
+        *render_framing(result["framing"]),
+    ])
 
 
 def write_markdown(path: pathlib.Path, key: str, text: str) -> None:
@@ -617,6 +783,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight per stream")
     p.add_argument("--workers", type=int, default=0, help="the embtrain server's --workers (0: by device)")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--framing-sizes", default=",".join(map(str, FRAMING_SIZES_MB)),
+                   help="payload sizes (MB) of the hand framing vs protobuf rows")
+    p.add_argument("--no-framing", action="store_true", help="skip the hand framing vs protobuf rows")
+    p.add_argument("--only", choices=["framing"], help="measure only this section (framing: no server, a few "
+                   "seconds; JSON to --out, default bench/results/transport-framing.json)")
     p.add_argument("--from-json", help="measure nothing: render this earlier result (with --markdown to store it)")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/transport-<device>.json)")
     p.add_argument("--markdown", nargs="?", const=str(ROOT / "bench" / "README.md"), default=None,
@@ -625,12 +796,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.from_json:
         result = json.loads(pathlib.Path(args.from_json).read_text())
-        text = render(result)
+        framing_only = "unary" not in result  # written by --only framing
+        text = render_framing_only(result) if framing_only else render(result)
         print(text)
         if args.markdown:
             tag = "cuda" if "gpu" in result["machine"] else "cpu"
-            write_markdown(pathlib.Path(args.markdown), f"transport-{tag}", text)
+            write_markdown(pathlib.Path(args.markdown), "transport-framing" if framing_only else f"transport-{tag}",
+                           text)
             print(f"\nupdated {args.markdown}")
+        return 0
+
+    if args.only == "framing":
+        # Host-side serialisation only: no server, no device. A file and a markdown section of its own, so that a
+        # quick run never overwrites the full report.
+        result = {"machine": machine("cpu"),
+                  "framing": bench_framing(_ints(args.framing_sizes), args.warmup, args.repeats)}
+        out = pathlib.Path(args.out or ROOT / "bench" / "results" / "transport-framing.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        text = render_framing_only(result)
+        print()
+        print(text)
+        if args.markdown:
+            write_markdown(pathlib.Path(args.markdown), "transport-framing", text)
+            print(f"\nupdated {args.markdown}")
+        print(f"wrote {out}")
         return 0
 
     import torch
@@ -670,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    args.in_flight)
     if not args.no_profile:
         result["profile"] = profile(loss, params, args.device, 1024, 512, "float32", max(args.repeats, 15))
+    if not args.no_framing:
+        result["framing"] = bench_framing(_ints(args.framing_sizes), args.warmup, args.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     text = render(result)

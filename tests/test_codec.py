@@ -1,7 +1,11 @@
 """Wire tensors: round trips for every dtype (numpy and torch), zero-size and non-contiguous input, zero-copy
-decoding, and each kind of bad buffer."""
+decoding, each kind of bad buffer and of unencodable input, and the refusal of big-endian hosts."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -122,3 +126,27 @@ def test_unsupported_arrays_are_refused(bad: np.ndarray) -> None:
 def test_sparse_torch_tensor_is_refused() -> None:
     with pytest.raises(codec.TensorError, match="dense"):
         codec.encode(torch.eye(3).to_sparse(), "inputs.x")
+
+
+def test_ragged_nested_list_is_refused_naming_the_field() -> None:
+    # numpy's own ValueError would not name the field, nor be a TensorError.
+    with pytest.raises(codec.TensorError) as info:
+        codec.encode([[1.0, 2.0], [3.0]], "inputs.embeddings")
+    assert info.value.field == "inputs.embeddings"
+    assert str(info.value).startswith("inputs.embeddings: expected a numeric array or tensor")
+    assert info.value.expected == str(info.value).removeprefix("inputs.embeddings: ")
+
+
+def test_big_endian_host_is_refused_at_import() -> None:
+    # The codec views received bytes as native numbers: on a big-endian host it refuses to load, with one clear
+    # message, rather than decode wrong values. Simulated by setting sys.byteorder before the first import.
+    code = textwrap.dedent("""
+        import sys
+        sys.byteorder = "big"
+        try:
+            import embtrain.codec
+        except ImportError as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "embtrain needs a little-endian host" in proc.stdout, proc.stderr[-2000:]

@@ -1,7 +1,9 @@
 """The SDK: ``Client`` (one per process, safe to share between threads), ``Session`` and the result types.
 
 Inputs may be numpy arrays or torch tensors; results come back as the same kind (torch tensors on the device of
-the embeddings). Every ``grpc.RpcError`` becomes an ``EmbtrainError``.
+the embeddings). Every ``grpc.RpcError`` becomes an ``EmbtrainError``; what the SDK itself cannot send (a dtype it
+cannot encode, a ragged list, a missing loss name) raises ``InvalidArgument`` before anything is sent, with the
+message and field violation the server would give.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from google.protobuf import json_format, struct_pb2
 from . import codec
 from .structs import struct_to_dict, value_to_python
 from . import wire
-from .errors import EmbtrainError, from_rpc_error, from_status
+from .errors import EmbtrainError, InvalidArgument, from_rpc_error, from_status, invalid_argument
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .v1 import embtrain_pb2 as pb
@@ -140,6 +142,32 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _unsendable(exc: codec.TensorError) -> InvalidArgument:
+    """A tensor the SDK cannot encode, reported as the server reports a bad input (``codec.TensorError`` is
+    internal and never leaves the SDK's public calls)."""
+    return invalid_argument(exc.field, exc.expected)
+
+
+def _malformed(what: str, exc: Exception) -> EmbtrainError:
+    """A response the SDK cannot decode: the server's fault, not the caller's."""
+    return EmbtrainError(grpc.StatusCode.INTERNAL, f"malformed {what} from the server: {exc}")
+
+
+def _no_loss() -> InvalidArgument:
+    return invalid_argument("loss", "expected a loss name (see `embtrain losses`) for a stateless call, or use a "
+                            "Session")
+
+
+def _batch_inputs(batch: Any, index: int) -> dict[str, Any]:
+    """One ``compute_stream`` batch as named inputs (a copy: the caller's dict is left alone)."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return {"embeddings": batch[0], "labels": batch[1]}
+    raise invalid_argument(f"batches[{index}]", f"expected (embeddings, labels) or a dict of named inputs, got "
+                           f"{type(batch).__name__}")
+
+
 class _Decoder:
     """Turns response tensors into the caller's kind: numpy (read-only views of the response bytes, no copy) or
     torch on the caller's device (one copy: a writable tensor on the CPU, or the transfer to the GPU)."""
@@ -166,14 +194,19 @@ def _result(data: bytes, decoder: Callable[[str], _Decoder]) -> ComputeResult:
     try:
         resp, gradients, tensors = wire.decode_compute_response(data)
     except wire.WireError as exc:
-        raise EmbtrainError(grpc.StatusCode.INTERNAL, f"malformed ComputeResponse from the server: {exc}") from None
+        raise _malformed("ComputeResponse", exc) from None
     dec = decoder(resp.request_id)
     if resp.HasField("error"):
         return ComputeResult(request_id=resp.request_id, error=from_status(resp.error))
-    out = {name: dec(tensors[name], name) if name in tensors else None for name in wire.RESPONSE_TENSORS.values()}
+    try:
+        out = {name: dec(tensors[name], name) if name in tensors else None
+               for name in wire.RESPONSE_TENSORS.values()}
+        grads = {k: dec(v, f"gradients.{k}") for k, v in gradients.items()}
+    except codec.TensorError as exc:
+        raise _malformed("ComputeResponse", exc) from None
     return ComputeResult(
         loss=resp.loss,
-        gradients={k: dec(v, f"gradients.{k}") for k, v in gradients.items()},
+        gradients=grads,
         triplets=out["triplets"], triplets_total=resp.triplets_total, triplets_truncated=resp.triplets_truncated,
         triplet_ids=out["triplet_ids"], per_item_losses=out["per_item_losses"],
         stats=dict(resp.stats), step=resp.step, request_id=resp.request_id)
@@ -303,7 +336,7 @@ class Client:
             req.session_id = session_id
         else:
             if not loss:
-                raise ValueError("compute: give loss=<name> (stateless) or use a Session")
+                raise _no_loss()
             req.loss.name = loss
             req.loss.params.CopyFrom(_struct(params))
         named = {k: v for k, v in inputs.items() if v is not None}
@@ -318,7 +351,7 @@ class Client:
         try:
             return req.request_id, wire.encode_compute_request(req, named)
         except codec.TensorError as exc:
-            raise ValueError(str(exc)) from None
+            raise _unsendable(exc) from None
 
     def compute(self, embeddings: Any = None, labels: Any = None, *, loss: str | None = None,
                 params: Mapping[str, Any] | None = None, session_id: str | None = None,
@@ -341,42 +374,59 @@ class Client:
         """Stream batches (``(X, y)`` tuples or dicts of named inputs) and yield one result per batch, in order.
 
         At most ``max_in_flight`` batches are sent ahead of their answers. A batch the server rejects comes back
-        as a result with ``error`` set; the stream goes on. ``timeout`` bounds the whole stream (default none).
+        as a result with ``error`` set; the stream goes on. A batch the SDK cannot send (a dtype it cannot encode,
+        a ragged list, not a batch at all) ends the stream: the results of the batches before it are yielded, then
+        it raises the ``InvalidArgument`` that ``compute`` raises for it, and nothing after it is read. An
+        exception raised by ``batches`` itself is re-raised the same way. ``timeout`` bounds the whole stream
+        (default none). ``max_in_flight`` and the loss are checked when this is called, not at the first result.
         """
         if max_in_flight < 1:
-            raise ValueError("max_in_flight: expected >= 1")
+            raise invalid_argument("max_in_flight", f"expected >= 1, got {max_in_flight}")
+        if session_id is None and not loss:
+            raise _no_loss()
         window = threading.Semaphore(max_in_flight)
         decoders: dict[str, _Decoder] = {}
         stop = threading.Event()
+        # What ended the request stream early. Raised inside the request iterator, an exception would reach gRPC,
+        # whose consuming thread cancels the call as UNKNOWN "Exception iterating requests!" and loses the answers
+        # to the batches already sent. Ending the request stream instead lets the server answer those first; the
+        # response loop raises this once the server has ended the stream.
+        failed: list[Exception] = []
 
         def requests() -> Iterator[bytes]:
-            for batch in batches:
-                named = dict(batch) if isinstance(batch, Mapping) else {"embeddings": batch[0], "labels": batch[1]} \
-                    if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
-                if named is None:
-                    raise ValueError("batches: each batch is (embeddings, labels) or a dict of named inputs")
-                emb, lab = named.pop("embeddings", None), named.pop("labels", None)
-                request_id, req = self._request(emb, lab, named, loss=loss, params=params, session_id=session_id,
-                                                gradient=return_gradient, triplets=return_triplets,
-                                                max_triplets=max_triplets, per_item_losses=per_item_losses)
-                decoders[request_id] = _Decoder(emb)
-                while not window.acquire(timeout=0.1):
+            try:
+                for index, batch in enumerate(batches):
+                    named = _batch_inputs(batch, index)
+                    emb, lab = named.pop("embeddings", None), named.pop("labels", None)
+                    request_id, req = self._request(emb, lab, named, loss=loss, params=params,
+                                                    session_id=session_id, gradient=return_gradient,
+                                                    triplets=return_triplets, max_triplets=max_triplets,
+                                                    per_item_losses=per_item_losses)
+                    decoders[request_id] = _Decoder(emb)
+                    while not window.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
                     if stop.is_set():
                         return
-                if stop.is_set():
-                    return
-                yield req
+                    yield req
+            except Exception as exc:  # noqa: BLE001 - handed to the response loop, raised there
+                failed.append(exc)
 
-        call = self._session_stubs(session_id).stream(requests(), timeout=timeout, metadata=self._metadata())
-        try:
-            for data in call:
-                window.release()
-                yield _result(data, lambda rid: decoders.pop(rid, None) or _Decoder(None))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        finally:
-            stop.set()
-            call.cancel()
+        def results() -> Iterator[ComputeResult]:
+            call = self._session_stubs(session_id).stream(requests(), timeout=timeout, metadata=self._metadata())
+            try:
+                for data in call:
+                    window.release()
+                    yield _result(data, lambda rid: decoders.pop(rid, None) or _Decoder(None))
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            finally:
+                stop.set()
+                call.cancel()
+            if failed:
+                raise failed[0]
+
+        return results()
 
     # ---- sessions ----------------------------------------------------------------------------------------
     def create_session(self, loss: str, params: Mapping[str, Any] | None = None, *, head: Any = None,
@@ -394,7 +444,10 @@ class Client:
         if seed is not None:
             cfg.seed = seed
         for name, value in (initial_state or {}).items():
-            cfg.initial_state[name].CopyFrom(codec.encode(value, f"initial_state.{name}"))
+            try:
+                cfg.initial_state[name].CopyFrom(codec.encode(value, f"initial_state.{name}"))
+            except codec.TensorError as exc:
+                raise _unsendable(exc) from None
         resp = self._call(self._stub.CreateSession, pb.CreateSessionRequest(config=cfg))
         return Session(self, resp.session.session_id)
 
@@ -432,8 +485,15 @@ class Session:
         parts = []
         for start in range(0, max(len(embeddings), 1), batch_size):
             chunk = embeddings[start:start + batch_size]
-            req = pb.EmbedRequest(session_id=self.id, embeddings=codec.encode(chunk, "embeddings"))
-            parts.append(dec(self.client._call(self._stub().Embed, req).embeddings, "embeddings"))
+            try:
+                req = pb.EmbedRequest(session_id=self.id, embeddings=codec.encode(chunk, "embeddings"))
+            except codec.TensorError as exc:
+                raise _unsendable(exc) from None
+            resp = self.client._call(self._stub().Embed, req)
+            try:
+                parts.append(dec(resp.embeddings, "embeddings"))
+            except codec.TensorError as exc:
+                raise _malformed("EmbedResponse", exc) from None
         if len(parts) == 1:
             return parts[0]
         if dec.torch:
@@ -443,16 +503,19 @@ class Session:
         return np.concatenate(parts)
 
     def info(self) -> SessionInfo:
-        return _session_info(self.client._call(self._stub().GetSession, pb.GetSessionRequest(session_id=self.id)).session)
+        req = pb.GetSessionRequest(session_id=self.id)
+        return _session_info(self.client._call(self._stub().GetSession, req).session)
 
     def save_checkpoint(self) -> int:
         return self.client._call(self._stub().SaveCheckpoint, pb.SaveCheckpointRequest(session_id=self.id)).step
 
     def export_model(self) -> ExportedModel:
         resp = self.client._call(self._stub().ExportModel, pb.ExportModelRequest(session_id=self.id))
-        return ExportedModel(config=json.loads(resp.config_json), weights=resp.weights,
-                             state={k: codec.decode_numpy(v, f"state.{k}") for k, v in resp.state.items()},
-                             step=resp.step)
+        try:
+            state = {k: codec.decode_numpy(v, f"state.{k}") for k, v in resp.state.items()}
+        except codec.TensorError as exc:
+            raise _malformed("ExportModelResponse", exc) from None
+        return ExportedModel(config=json.loads(resp.config_json), weights=resp.weights, state=state, step=resp.step)
 
     def close(self, keep_checkpoint: bool = False) -> SessionInfo:
         req = pb.CloseSessionRequest(session_id=self.id, keep_checkpoint=keep_checkpoint)

@@ -1,10 +1,14 @@
-"""``embtrain``: the command-line client. ``embtrain health``, ``embtrain losses``, ``embtrain sessions``."""
+"""``embtrain``: the command-line client. ``embtrain health``, ``embtrain losses``, ``embtrain sessions``.
+
+Output piped into a reader that stops early (``embtrain losses | head``) ends the command quietly with the status
+of a process killed by SIGPIPE, as other Unix tools do, instead of a ``BrokenPipeError`` traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +22,22 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Output to a pipe is block-buffered: flush here, where a closed pipe can be handled, rather than in the
+        # interpreter's final flush, which would report it as an error.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away. Point stdout at devnull so that the interpreter's final flush of what is still
+        # buffered does not raise again, and exit as a SIGPIPE-killed process would (128 + 13 = 141).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + int(getattr(signal, "SIGPIPE", 13))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # The connection options are accepted before or after the subcommand (`embtrain health --target ...`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=argparse.SUPPRESS,

@@ -1,8 +1,12 @@
 """Tensors on the wire: dtype + shape + raw little-endian row-major bytes.
 
-Shared by the SDK and the server. Decoding reads the message's bytes once (protobuf's accessor returns one copy) and views them;
-encoding copies each tensor once (``tobytes`` reads non-contiguous input directly in C order). A byte length that
-does not match shape x itemsize is refused with a ``TensorError`` naming the field.
+Shared by the SDK and the server. Decoding reads the message's bytes once (protobuf's accessor returns one copy)
+and views them; encoding copies each tensor once (``tobytes`` reads non-contiguous input directly in C order). A
+byte length that does not match shape x itemsize is refused with a ``TensorError`` naming the field.
+
+Little-endian hosts only: the wire is little-endian and decoding views the received bytes as native numbers, so
+on a big-endian host every multi-byte tensor would need a byte swap. Importing there fails with one clear error
+rather than supporting a path no test could run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from .v1 import embtrain_pb2 as pb
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+if sys.byteorder != "little":  # pragma: no cover - no such host to test on
+    raise ImportError(f"embtrain needs a little-endian host (its tensors travel as little-endian bytes and are "
+                      f"decoded as views); this host is {sys.byteorder}-endian")
+
 
 class TensorError(ValueError):
     """A tensor that cannot be encoded or decoded. ``field`` names it (``inputs.embeddings``)."""
@@ -27,6 +35,7 @@ class TensorError(ValueError):
     def __init__(self, field: str, expected: str) -> None:
         super().__init__(f"{field}: {expected}")
         self.field = field
+        self.expected = expected  # the message without the field, as a field violation's description
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,6 @@ _DTYPES = [
 ]
 _BY_WIRE = {d.wire: d for d in _DTYPES}
 _BY_NAME = {d.name: d for d in _DTYPES}
-_LITTLE = sys.byteorder == "little"
 
 DTYPE_NAMES = tuple(d.name for d in _DTYPES)
 
@@ -98,28 +106,29 @@ def decode_torch(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     with warnings.catch_warnings():
         # The buffer is immutable bytes; nothing downstream writes into decoded inputs.
         warnings.simplefilter("ignore", UserWarning)
-        out = torch.frombuffer(data, dtype=dtype).reshape(shape)
-    if not _LITTLE and d.itemsize > 1:  # pragma: no cover - big-endian hosts only
-        out = torch.from_numpy(out.numpy().byteswap())
-    return out
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def wire_dtype_and_buffer(x: Any, field: str = "tensor") -> tuple[int, tuple[int, ...], memoryview]:
     """(wire dtype, shape, a flat byte view of the little-endian C-order data) for an array or tensor.
 
-    No copy for contiguous little-endian CPU input; otherwise exactly one (to C order, to little-endian, or
-    off the GPU).
+    No copy for contiguous little-endian CPU input; otherwise exactly one (to C order, from an explicitly
+    big-endian numpy dtype, or off the GPU).
     """
     if _is_torch(x):
         return _torch_buffer(x, field)
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:  # a ragged nested list; numpy's message does not name the field
+        raise TensorError(field, f"expected a numeric array or tensor (nested lists must be rectangular); numpy "
+                          f"cannot convert this {type(x).__name__}: {exc}") from None
     if arr.dtype.kind in "OUSVcmM":
         raise TensorError(field, f"expected a numeric array, got dtype {arr.dtype}")
     name = {"f2": "float16", "f4": "float32", "f8": "float64", "i4": "int32", "i8": "int64", "b1": "bool",
             "u1": "uint8", "i1": "int8", "i2": "int16"}.get(f"{arr.dtype.kind}{arr.dtype.itemsize}")
     if name is None:
         raise TensorError(field, f"unsupported dtype {arr.dtype}; supported: {', '.join(DTYPE_NAMES)}")
-    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):
+    if arr.dtype.byteorder == ">":  # native ("=") is little-endian: the import guard above
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     arr = np.require(arr, requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     return _BY_NAME[name].wire, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8))
@@ -143,8 +152,6 @@ def _torch_buffer(x: torch.Tensor, field: str) -> tuple[int, tuple[int, ...], me
     if d.name == "bfloat16":
         x = x.view(torch.int16)  # numpy has no bfloat16: move the same bits as int16
     arr = x.numpy()
-    if not _LITTLE and d.itemsize > 1:  # pragma: no cover
-        arr = arr.byteswap()
     return d.wire, tuple(x.shape), memoryview(arr.reshape(-1).view(np.uint8))
 
 

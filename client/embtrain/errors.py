@@ -1,5 +1,6 @@
-"""One exception family for every RPC failure: ``EmbtrainError`` keeps the gRPC code, the server's message and
-its field violations (from ``google.rpc.BadRequest`` details)."""
+"""One exception family for every failure the SDK reports: ``EmbtrainError`` keeps the gRPC code, the message
+and the field violations (from ``google.rpc.BadRequest`` details). The SDK's own checks of what it is asked to send
+raise the same ``InvalidArgument`` the server would (see ``invalid_argument``), so callers handle both alike."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ class EmbtrainError(Exception):
         return [v.field for v in self.violations]
 
 
-class InvalidArgument(EmbtrainError):
-    pass
+class InvalidArgument(EmbtrainError, ValueError):
+    """The request is at fault: refused by the server, or by the SDK before sending (a dtype it cannot encode, a
+    ragged list, a missing loss name). Also a ``ValueError``, which the SDK raised for its own checks before."""
 
 
 class NotFound(EmbtrainError):
@@ -87,6 +89,12 @@ def _violations(status: status_pb2.Status) -> tuple[FieldViolation, ...]:
             detail.Unpack(br)
             out.extend(FieldViolation(v.field, v.description) for v in br.field_violations)
     return tuple(out)
+
+
+def invalid_argument(field: str, expected: str) -> InvalidArgument:
+    """An ``InvalidArgument`` found by the SDK itself, shaped like the server's: the message starts with the field
+    (``inputs.embeddings: expected a numeric array, ...``) and one violation names it with ``expected`` alone."""
+    return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {expected}", (FieldViolation(field, expected),))
 
 
 def make_error(code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = ()) -> EmbtrainError:

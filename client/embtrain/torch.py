@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from safetensors.torch import load as _st_load
 
 from ._client import Client, ComputeResult, ExportedModel, Session
+from .errors import invalid_argument
 from .heads import build_head
 
 __all__ = ["RemoteLoss", "load_head"]
@@ -60,7 +61,7 @@ class RemoteLoss(nn.Module):
             self.session = None
             self.client = Client(client_or_target) if isinstance(client_or_target, str) else client_or_target
             if not loss:
-                raise ValueError("loss: give the loss name (see `embtrain losses`) or pass a Session")
+                raise invalid_argument("loss", "expected the loss name (see `embtrain losses`), or pass a Session")
         self.loss_name = loss
         self.params = {**(params or {}), **kwargs}
         self.last_result: ComputeResult | None = None

@@ -4,9 +4,12 @@ without copying tensor data through protobuf objects.
 A protobuf message on the wire is the concatenation of its fields, so a ``ComputeRequest`` / ``ComputeResponse``
 can be written as the small message without its tensors followed by hand-framed tensor fields, and read by walking
 the top-level fields. Protobuf parses the framed bytes to the same message, and what protobuf writes decodes here
-to the same tensors (tests check both directions), so peers that use plain protobuf interoperate; the bytes are
-not always identical to protobuf's own (field order within a message may differ). Costs per tensor: encoding
-copies the data once (the final join); decoding copies nothing (the tensors view the received bytes).
+to the same tensors (tests/test_wire.py checks both directions), so peers that use plain protobuf interoperate.
+The bytes are not always protobuf's own: protobuf writes fields in field-number order, the framing here writes
+the tensor fields after all the others (a request's ``options``, field 5, before its ``inputs``, field 4), and
+parsers accept fields in any order. Costs per tensor: encoding copies contiguous little-endian CPU data once (the
+final join; other input is first made so, one more copy); decoding copies nothing (the tensors view the received
+bytes).
 
 Malformed input raises ``TensorError`` (field named) or ``WireError``; neither ever reads out of bounds.
 """
