@@ -76,7 +76,7 @@ def test_metrics_ties_go_to_the_lower_index() -> None:
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_metrics_match_pytorch_metric_learning(normalize: bool) -> None:
-    pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("pytorch_metric_learning", reason="needs the pml extra: pip install 'embtrain[pml]'")
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN

@@ -1,7 +1,10 @@
 """A small bounded run of ``bench/load.py``: 16 concurrent streaming clients against an ``embtrain-server``
-subprocess, each with its own connection and session. Every batch is answered exactly once and in order (the
-request ids and the session steps), nothing fails, and the server's resident memory does not keep growing: after
-a warm-up round, a second round of the same load adds little to what the first one left."""
+subprocess, each with its own connection and session, in two rounds. Every batch is answered exactly once and in
+order (the request ids and the session steps), nothing fails, no session outlives the client that closed it, and
+the server keeps serving and stops cleanly.
+
+Throughput, latency and resident memory depend on the machine: ``bench/load.py`` measures and reports them; this
+test asserts none of them."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
+
+import embtrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIENTS = 16
@@ -31,35 +36,25 @@ load = _load_bench()
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[object, str]]:
+def server() -> Iterator[str]:
     proc, target = load.start_server("cpu", workers=2)
-    yield proc, target
+    yield target
     assert load.stop_server(proc) == 0
 
 
-def _round(target: str, pid: int) -> object:
-    r = load.run_load(target, CLIENTS, batches=BATCHES, batch=32, dim=16, max_in_flight=4, server_pid=pid,
-                      sample_every=0.25)
+def _round(target: str) -> None:
+    r = load.run_load(target, CLIENTS, batches=BATCHES, batch=32, dim=16, max_in_flight=4)
     assert r.error_messages == [] and r.errors == 0, r.error_messages
     assert r.out_of_order == 0 and r.missing == 0
     assert r.per_client == [BATCHES] * CLIENTS  # every batch answered exactly once
-    return r
+    assert r.answered == CLIENTS * BATCHES
 
 
-def test_sixteen_streaming_clients(server: tuple[object, str]) -> None:
-    proc, target = server
-    pid = proc.pid  # type: ignore[attr-defined]
-    warm = _round(target, pid)
-    base = load.rss_bytes(pid)
-    first = _round(target, pid)
-    after_first = load.rss_bytes(pid)
-    second = _round(target, pid)
-    after_second = load.rss_bytes(pid)
-    peak = max(b for r in (warm, first, second) for _, b in r.rss)  # type: ignore[attr-defined]
-    print(f"server RSS MiB: after warm-up {base / 2**20:.0f}, after round 1 {after_first / 2**20:.0f}, "
-          f"after round 2 {after_second / 2**20:.0f}, peak {peak / 2**20:.0f}; "
-          f"{first.batches_per_second:.0f} / {second.batches_per_second:.0f} batches/s")  # type: ignore[attr-defined]
-    assert base > 0
-    # a leak grows with every batch; steady state stays put (allocator caches are warm after the first round)
-    assert after_second - after_first < 48 * 2**20
-    assert peak - base < 256 * 2**20
+def test_sixteen_streaming_clients(server: str) -> None:
+    """Two rounds of load on one server: every batch answered, in order, once; after each round the sessions the
+    clients closed are gone and the server is still serving (the second round starts from what the first left)."""
+    for _ in range(2):
+        _round(server)
+        with embtrain.Client(server, timeout=30) as c:
+            assert c.list_sessions() == []
+            assert c.health() == "SERVING"

@@ -1,5 +1,6 @@
-"""RemoteLoss: the server's gradient, applied by autograd, equals the same loss computed locally, and a tiny
-encoder trained through it learns."""
+"""RemoteLoss: the server's gradient, applied by autograd, equals the same loss computed in-process by the compute
+layer (so what is checked here is the wire and the autograd plumbing; the numbers themselves are checked against
+independent references in tests/losses and test_compute.py), and a tiny encoder trained through it learns."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 
 import embtrain
 from embtrain.torch import RemoteLoss
-from embtrain_server.losses import ComputeContext, get, load_all
+from embtrain_server import compute
+from embtrain_server.losses import get, load_all
+from embtrain_server.validation import validate_inputs
 
 load_all()
 
@@ -22,14 +25,14 @@ def _data(seed: int = 0, p: int = 4, k: int = 4, d_in: int = 10) -> tuple[torch.
 
 
 def _local_loss(name: str, params: dict, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The same loss in-process, as a differentiable scalar (losses that return their own gradient are wrapped
-    so that autograd applies it)."""
+    """The same loss in-process, without the wire: validation and ``compute.run`` on the CPU, its value and
+    gradient made into a differentiable scalar (value ``loss``, gradient ``g`` w.r.t. ``emb``) for autograd."""
     loss = get(name)(params)
-    out = loss.forward({"embeddings": emb, "labels": y}, ComputeContext(device=torch.device("cpu"), max_triplets=1000))
-    if out.gradients is None:
-        return out.loss
-    g = out.gradients["embeddings"].detach()
-    return out.loss.detach() + (emb * g).sum() - (emb * g).sum().detach()
+    inputs = validate_inputs(type(loss), {"embeddings": emb.detach(), "labels": y}, max_batch_elements=1 << 30)
+    loss.check_inputs(inputs)
+    res = compute.run(loss, inputs, device=torch.device("cpu"), options=compute.ComputeOptions(max_triplets=1000))
+    g = res.gradients["embeddings"]
+    return torch.tensor(res.loss, dtype=emb.dtype) + (emb * g).sum() - (emb * g).sum().detach()
 
 
 @pytest.mark.parametrize("name,params", [("batch_hard_triplet", {"margin": 0.5}), ("contrastive", {}),

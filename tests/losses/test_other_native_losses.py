@@ -1,5 +1,9 @@
 """weighted_margin_ranking, island, contrastive and multi_similarity against the spec vectors (LOSSES.md §A, §D,
-§E.1, §E.2), finite differences, and brute-force loops written here from the spec's formulas."""
+§E.1, §E.2), finite differences, and brute-force loops written here from the spec's formulas.
+
+Batches go through validation and the compute layer (``compute.run``), as the service computes them; a loss's own
+methods (``kept_pairs``, island's session ``update``) and cross-batch memories, which ``compute.run`` does not take,
+are exercised through the loss's ``forward``."""
 
 from __future__ import annotations
 
@@ -7,20 +11,22 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
+from served import serve
 
 from embtrain_server.errors import InvalidArgument
-from embtrain_server.losses import ComputeContext, Memory, get, load_all
+from embtrain_server.losses import ComputeContext, Loss, LossOutput, Memory, get, load_all
 from embtrain_server.losses import weighted_margin_ranking as wmr_module
 from embtrain_server.losses.island import paper_center_delta
 
 load_all()
 
 VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 VECTOR_NAMES = sorted(p.stem for p in VECTORS.glob("*.json") if p.stem[:1] in "ad" or p.stem[:3] in ("e01", "e02"))
 
@@ -45,10 +51,20 @@ def _ctx(device: str, max_triplets: int = 10_000, memory: Memory | None = None, 
                           memory=memory, training=training, state_optimized_externally=external)
 
 
-def _run(loss_name: str, params: dict[str, Any], inputs: dict[str, torch.Tensor], ctx: ComputeContext,
-         dtype: torch.dtype = torch.float64, loss: Any = None):
-    """Validate on CPU, then forward on the device like the compute layer; returns (output, {name: grad})."""
-    loss = loss if loss is not None else get(loss_name)(params)
+class Out(NamedTuple):
+    """What the tests read of one computed batch (CPU tensors)."""
+
+    loss: torch.Tensor  # 0-dim, in the dtype the batch was computed in
+    triplets: torch.Tensor | None
+    triplets_total: int
+    per_item: torch.Tensor | None
+    stats: dict[str, float]
+
+
+def _forward(loss: Loss, inputs: dict[str, torch.Tensor], ctx: ComputeContext, dtype: torch.dtype = torch.float64
+             ) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+    """The loss's own forward on the device, for what ``compute.run`` does not cover: a cross-batch memory, and
+    the ``LossOutput`` and context that a session's ``update`` takes. Returns (output, {name: grad})."""
     loss.check_inputs(inputs)
     dev_inputs: dict[str, torch.Tensor] = {}
     for k, t in inputs.items():
@@ -62,7 +78,25 @@ def _run(loss_name: str, params: dict[str, Any], inputs: dict[str, torch.Tensor]
     out = loss.forward(dev_inputs, ctx)
     diff = [k for k, t in dev_inputs.items() if t.requires_grad]
     grads = dict(zip(diff, torch.autograd.grad(out.loss, [dev_inputs[k] for k in diff], allow_unused=True)))
-    return out, {k: (torch.zeros_like(dev_inputs[k]) if g is None else g) for k, g in grads.items()}, loss
+    return out, {k: (torch.zeros_like(dev_inputs[k]) if g is None else g) for k, g in grads.items()}
+
+
+def _run(loss_name: str, params: dict[str, Any], inputs: dict[str, torch.Tensor], *, device: str = "cpu",
+         dtype: torch.dtype = torch.float64, max_triplets: int = 10_000, memory: Memory | None = None,
+         loss: Loss | None = None) -> tuple[Out, dict[str, torch.Tensor], Loss]:
+    """One batch as the service computes it: float inputs in ``dtype`` (what the client sends), validation, then
+    ``compute.run`` on ``device``. With a memory (session state, not a ``compute.run`` argument) the loss's forward
+    is called instead. Returns (output, {name: grad} on the CPU, the loss instance)."""
+    loss = loss if loss is not None else get(loss_name)(params)
+    if memory is not None:
+        raw, grads = _forward(loss, inputs, _ctx(device, max_triplets=max_triplets, memory=memory), dtype)
+        out = Out(raw.loss.detach(), raw.triplets, raw.triplets_total,
+                  None if raw.per_item is None else raw.per_item.detach(), raw.stats)
+        return out, grads, loss
+    cast = {k: t.to(dtype) if t.is_floating_point() else t for k, t in inputs.items()}
+    res = serve(loss, cast, device=device, max_triplets=max_triplets, per_item=True)
+    out = Out(torch.tensor(res.loss, dtype=dtype), res.triplets, res.triplets_total, res.per_item, res.stats)
+    return out, res.gradients, loss
 
 
 def _close(actual: torch.Tensor, expected: Any, tol: dict[str, float]) -> None:
@@ -88,8 +122,8 @@ def test_spec_vector(name: str, dtype: str, device: str) -> None:
     tol = v["tolerance"][dtype]
     exp = v["expected"]
     inputs = _inputs_of(v)
-    out, grads, loss = _run(v["loss"], v["hyperparameters"], inputs, _ctx(device), DTYPES[dtype])
-    assert out.loss.dtype == DTYPES[dtype]
+    out, grads, loss = _run(v["loss"], v["hyperparameters"], inputs, device=device, dtype=DTYPES[dtype])
+    assert grads["embeddings"].dtype == DTYPES[dtype] and grads["embeddings"].device.type == "cpu"
     _close(out.loss, exp["loss"], tol)
     _close(grads["embeddings"], exp["grad_embeddings"], tol)
     if v["loss"] == "weighted_margin_ranking":
@@ -197,7 +231,7 @@ def test_wmr_matrix_equals_mean_of_row_runs(params: dict[str, Any], monkeypatch:
     for i in range(n):
         order = [i] + [j for j in range(n) if j != i]  # the anchor first, the others in index order
         out, grads, _ = _run("weighted_margin_ranking", params,
-                             {"embeddings": x[order], "gt_distances": gt[i, order[1:]]}, _ctx("cpu"))
+                             {"embeddings": x[order], "gt_distances": gt[i, order[1:]]})
         if out.stats["pairs"] == 0:
             continue
         used += 1
@@ -210,14 +244,14 @@ def test_wmr_matrix_equals_mean_of_row_runs(params: dict[str, Any], monkeypatch:
 
     # A block of one anchor exercises the blockwise path against the row-by-row reference.
     monkeypatch.setattr(wmr_module, "_BLOCK_ELEMENTS", 1)
-    out, grads, _ = _run("weighted_margin_ranking", params, problem, _ctx("cpu"))
+    out, grads, _ = _run("weighted_margin_ranking", params, problem)
     assert float(out.loss.detach()) == pytest.approx(ref_loss / used, rel=1e-12, abs=1e-14)
     torch.testing.assert_close(grads["embeddings"], ref_grad / used, rtol=1e-10, atol=1e-13)
     assert out.triplets.tolist() == ref_triplets
     assert out.triplets_total == len(ref_triplets)
     assert out.stats["anchors_with_pairs"] == used
 
-    capped, _, _ = _run("weighted_margin_ranking", params, problem, _ctx("cpu", max_triplets=5))
+    capped, _, _ = _run("weighted_margin_ranking", params, problem, max_triplets=5)
     assert capped.triplets.tolist() == ref_triplets[:5]
     assert capped.triplets_total == len(ref_triplets)
 
@@ -228,7 +262,7 @@ def test_wmr_vector_split_by_rows(name: str, monkeypatch: pytest.MonkeyPatch) ->
     # A budget below one anchor's n x n pairs splits its rows r into chunks of 2: same results as the vector.
     monkeypatch.setattr(wmr_module, "_BLOCK_ELEMENTS", 2 * len(_vector(name)["inputs"]["embeddings"]))
     v = _vector(name)
-    out, grads, _ = _run(v["loss"], v["hyperparameters"], _inputs_of(v), _ctx("cpu", max_triplets=3))
+    out, grads, _ = _run(v["loss"], v["hyperparameters"], _inputs_of(v), max_triplets=3)
     tol = v["tolerance"]["float64"]
     _close(out.loss, v["expected"]["loss"], tol)
     _close(grads["embeddings"], v["expected"]["grad_embeddings"], tol)
@@ -241,8 +275,7 @@ def test_wmr_no_pairs_is_zero_not_nan() -> None:
     x = torch.randn(5, 3, dtype=torch.float64)
     for gt in (torch.full((4,), 2.0), torch.full((5, 5), 2.0), torch.tensor([0.1, 0.2, 0.3, 0.4])):
         params = {"min_dist": 1.0} if gt.dim() == 1 and gt[0] < 1 else {}
-        out, grads, _ = _run("weighted_margin_ranking", params, {"embeddings": x, "gt_distances": gt},
-                             _ctx("cpu"))
+        out, grads, _ = _run("weighted_margin_ranking", params, {"embeddings": x, "gt_distances": gt})
         assert float(out.loss.detach()) == 0.0 and not grads["embeddings"].any()
         assert out.triplets.shape == (0, 3) and out.triplets_total == 0
 
@@ -305,15 +338,17 @@ def test_island_init_from_seed_is_reproducible() -> None:
 
 
 def test_island_init_needs_num_classes_or_centres() -> None:
+    """No centres without num_classes or initial_centers; initial centres of another width than the first batch
+    refuse the batch (inputs.embeddings); centres of another count than num_classes refuse the initial state."""
     with pytest.raises(InvalidArgument) as err:
         _session({})
     assert err.value.field == "params.num_classes"
     with pytest.raises(InvalidArgument) as err:
         _session({}, centers=torch.zeros(4, 2), dim=3)
-    assert err.value.field == "initial.initial_centers"
+    assert err.value.field == "inputs.embeddings"
     with pytest.raises(InvalidArgument) as err:
         _session({}, centers=torch.zeros(4, 3), k=5)
-    assert err.value.field == "initial.initial_centers"
+    assert err.value.field == "config.initial_state.initial_centers"
 
 
 @pytest.mark.parametrize("name", ["d01_island_unordered_mean", "d02_island_paper_ordered_missing_class",
@@ -331,7 +366,7 @@ def test_island_session_update(name: str, mode: str) -> None:
     torch.testing.assert_close(held.detach(), centers, rtol=0, atol=0)
 
     ctx = _ctx("cpu")
-    out, grads, _ = _run("island", params, inputs, ctx, loss=loss)
+    out, grads = _forward(loss, inputs, ctx)
     tol = v["tolerance"]["float64"]
     _close(out.loss, v["expected"]["loss"], tol)  # the centres before the update
     _close(grads["embeddings"], v["expected"]["grad_embeddings"], tol)
@@ -351,7 +386,7 @@ def test_island_no_update_outside_training_or_when_stepped_externally() -> None:
                         ({"center_update": "sgd"}, _ctx("cpu", training=False)),
                         ({"center_update": "sgd"}, _ctx("cpu", external=True))):
         loss = _session(v["hyperparameters"] | params, centers=centers)
-        out, _, _ = _run("island", {}, inputs, ctx, loss=loss)
+        out, _ = _forward(loss, inputs, ctx)
         loss.update(inputs, out, ctx)
         torch.testing.assert_close(loss.state_tensors()["centers"].detach(), centers, rtol=0, atol=0)
 
@@ -361,7 +396,7 @@ def test_island_stateless_call_leaves_session_centres_alone() -> None:
     inputs = _inputs_of(v)
     loss = _session(v["hyperparameters"], k=4, seed=1)
     before = loss.state_tensors()["centers"].clone()
-    out, grads, _ = _run("island", {}, inputs, _ctx("cpu"), loss=loss)
+    out, grads = _forward(loss, inputs, _ctx("cpu"))
     _close(out.loss, v["expected"]["loss"], v["tolerance"]["float64"])  # the given centres were used
     _close(grads["centers"], v["expected"]["grad_centers"], v["tolerance"]["float64"])
     loss.update(inputs, out, _ctx("cpu"))
@@ -406,7 +441,7 @@ def test_island_single_class_has_no_island_term() -> None:
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
     c = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     out, grads, _ = _run("island", {"lambda1": 3.0}, {"embeddings": x, "labels": torch.tensor([0, 0]),
-                                                      "centers": c}, _ctx("cpu"))
+                                                      "centers": c})
     expected = 0.5 * ((x - c) ** 2).sum() / 2
     assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-14)
     torch.testing.assert_close(grads["centers"], -(x - c).sum(0, keepdim=True) / 2)
@@ -449,8 +484,7 @@ def test_contrastive_matches_pair_loop(reduction: str, with_memory: bool) -> Non
     inputs["embeddings"][4] = inputs["embeddings"][1]  # a duplicate: smooth positive or clamped negative
     mem = _memory(22, 5, 3, 3) if with_memory else None
     margin = 1.1
-    out, grads, _ = _run("contrastive", {"margin": margin, "reduction": reduction}, inputs,
-                         _ctx("cpu", memory=mem))
+    out, grads, _ = _run("contrastive", {"margin": margin, "reduction": reduction}, inputs, memory=mem)
     x = inputs["embeddings"].clone().requires_grad_(True)
     ref, per_pair = _contrastive_reference(x, inputs["labels"], margin, reduction, mem)
     (ref_grad,) = torch.autograd.grad(ref, x)
@@ -467,15 +501,14 @@ def test_contrastive_matches_pair_loop(reduction: str, with_memory: bool) -> Non
 
 def test_contrastive_empty_and_float32() -> None:
     out, grads, _ = _run("contrastive", {}, {"embeddings": torch.ones(1, 4), "labels": torch.tensor([3])},
-                         _ctx("cpu"), torch.float32)
+                         dtype=torch.float32)
     assert float(out.loss.detach()) == 0.0 and not grads["embeddings"].any()
     # Near-duplicates far from the origin, in float32: distances and gradients follow the true differences
     # (the Gram form would cancel to noise of order 1e-4 here).
     g = torch.Generator().manual_seed(3)
     x = (1000.0 + 1e-3 * torch.randn(6, 8, generator=g, dtype=torch.float64)).to(torch.float32)
     y = torch.tensor([0, 0, 0, 1, 1, 1])
-    out, grads, _ = _run("contrastive", {"margin": 0.01}, {"embeddings": x, "labels": y}, _ctx("cpu"),
-                         torch.float32)
+    out, grads, _ = _run("contrastive", {"margin": 0.01}, {"embeddings": x, "labels": y}, dtype=torch.float32)
     x64 = x.to(torch.float64).requires_grad_(True)  # the same float32 values, exactly
     ref, _ = _contrastive_reference(x64, y, 0.01, "mean")
     (ref_grad,) = torch.autograd.grad(ref, x64)
@@ -523,7 +556,7 @@ def test_multi_similarity_matches_anchor_loop(params: dict[str, Any], with_memor
     inputs["labels"][6] = inputs["labels"][5]
     mem = _memory(32, 6, 4, 4) if with_memory else None
     full = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1} | params
-    out, grads, loss = _run("multi_similarity", params, inputs, _ctx("cpu", memory=mem))
+    out, grads, loss = _run("multi_similarity", params, inputs, memory=mem)
     x = inputs["embeddings"].clone().requires_grad_(True)
     ref, kept_pos, kept_neg = _ms_reference(x, inputs["labels"], full["alpha"], full["beta"], full["base"],
                                             full["epsilon"], mem)
@@ -537,7 +570,7 @@ def test_multi_similarity_matches_anchor_loop(params: dict[str, Any], with_memor
 
 def test_multi_similarity_single_class_is_zero() -> None:
     out, grads, _ = _run("multi_similarity", {}, {"embeddings": torch.randn(5, 3, dtype=torch.float64),
-                                                  "labels": torch.zeros(5, dtype=torch.int64)}, _ctx("cpu"))
+                                                  "labels": torch.zeros(5, dtype=torch.int64)})
     assert float(out.loss.detach()) == 0.0 and not grads["embeddings"].any()
 
 

@@ -1,5 +1,6 @@
 """The served ``torch.*`` losses against direct calls of the torch classes, the spec's vectors (c01-c04, e03),
-and the validation that turns bad requests into INVALID_ARGUMENT."""
+and the validation that turns bad requests into INVALID_ARGUMENT. Batches go through validation and the compute
+layer (``compute.run``), as the service computes them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from served import serve
 
+from embtrain_server.compute import ComputeResult
 from embtrain_server.errors import InvalidArgument
 from embtrain_server.losses import get, load_all, names
 from embtrain_server.losses.base import ComputeContext
@@ -220,17 +223,11 @@ def _reference(name: str, params: dict[str, Any], inputs: dict[str, torch.Tensor
 
 
 def _served(name: str, params: dict[str, Any], inputs: dict[str, torch.Tensor]
-            ) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Call the served loss the way the server does; return the output and the gradients by input name."""
-    cls = get(name)
-    loss = cls(params)
-    loss.check_inputs(inputs)
-    x = {k: v.detach().clone().requires_grad_(bool(cls.input_spec(k) and cls.input_spec(k).differentiable))
-         for k, v in inputs.items()}
-    out = loss.forward(x, CTX)
-    wanted = [s.name for s in cls.inputs if s.differentiable and s.name in x]
-    grads = torch.autograd.grad(out.loss, [x[n] for n in wanted])
-    return out, dict(zip(wanted, grads))
+            ) -> tuple[ComputeResult, dict[str, torch.Tensor]]:
+    """Call the served loss the way the server does (validation, then ``compute.run``); return the result and
+    the gradients by input name."""
+    res = serve(get(name)(params), {k: v.detach() for k, v in inputs.items()}, max_triplets=1000, per_item=True)
+    return res, res.gradients
 
 
 def _case_ids() -> list[Any]:
@@ -280,8 +277,8 @@ def test_matches_direct_torch_call(name: str, builder: Builder, params: dict[str
     ref_loss = ref.sum() if params.get("reduction") == "none" else ref
     ref_grads = torch.autograd.grad(ref_loss, [ref_inputs[n] for n in grads])
 
-    assert out.loss.dim() == 0
-    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert isinstance(out.loss, float)  # one scalar per batch
+    torch.testing.assert_close(torch.tensor(out.loss, dtype=T), ref_loss, rtol=1e-12, atol=1e-12)
     assert set(grads) == DIFFERENTIABLE[name]
     for (n, g), rg in zip(grads.items(), ref_grads):
         assert g.abs().sum() > 0, f"gradient of {n} is identically zero: the case does not exercise it"
@@ -297,8 +294,8 @@ def test_loss_is_independent_of_weight_presence() -> None:
     plain, _ = _served("torch.CrossEntropyLoss", {}, inputs)
     ones, _ = _served("torch.CrossEntropyLoss", {}, inputs | {"weight": torch.ones(5, dtype=T)})
     skewed, _ = _served("torch.CrossEntropyLoss", {}, inputs | {"weight": torch.arange(1.0, 6.0, dtype=T)})
-    torch.testing.assert_close(plain.loss, ones.loss)
-    assert not torch.allclose(plain.loss, skewed.loss)
+    torch.testing.assert_close(torch.tensor(plain.loss, dtype=T), torch.tensor(ones.loss, dtype=T))
+    assert not torch.allclose(torch.tensor(plain.loss, dtype=T), torch.tensor(skewed.loss, dtype=T))
 
 
 # ---- the spec's vectors -----------------------------------------------------------------------------------
@@ -326,16 +323,17 @@ def test_e03_pair_primitives() -> None:
     assert set(cases) == set(expected)
     for key, (name, params, inputs) in cases.items():
         out, _ = _served(name, params, inputs)
-        assert math.isclose(out.loss.item(), expected[key], rel_tol=0, abs_tol=1e-12), key
+        assert math.isclose(out.loss, expected[key], rel_tol=0, abs_tol=1e-12), key
 
 
 @pytest.mark.parametrize("vector", ["c01_triplet_margin_given", "c02_triplet_margin_swap_sum",
                                     "c03_triplet_margin_p1_none", "c04_triplet_with_distance_cosine"])
 def test_triplet_vectors_through_served_torch_losses(vector: str) -> None:
-    """LOSSES.md §C: the torch classes agree with the reference on the given-triplet vectors."""
+    """LOSSES.md §C: the torch classes agree with the reference on the given-triplet vectors. The client gathers
+    the rows; the gradient w.r.t. the embeddings is the rows' gradients added back where they came from."""
     v = _vector(vector)
     h, tol = v["hyperparameters"], v["tolerance"]["float64"]
-    emb = torch.tensor(v["inputs"]["embeddings"], dtype=T, requires_grad=True)
+    emb = torch.tensor(v["inputs"]["embeddings"], dtype=T)
     trip = torch.tensor(v["inputs"]["triplets"])
     if h["distance_kind"] == "pairwise_distance":
         name, params = "torch.TripletMarginLoss", {"margin": h["margin"], "p": h["p"], "eps": h["eps"]}
@@ -343,16 +341,16 @@ def test_triplet_vectors_through_served_torch_losses(vector: str) -> None:
         name, params = "torch.TripletMarginWithDistanceLoss", {"margin": h["margin"],
                                                                "distance_function": h["distance_kind"]}
     params |= {"swap": h["swap"], "reduction": h["reduction"]}
-    loss = get(name)(params)
-    inputs = {"anchor": emb[trip[:, 0]], "positive": emb[trip[:, 1]], "negative": emb[trip[:, 2]]}
-    loss.check_inputs(inputs)
-    out = loss.forward(inputs, CTX)
-    (grad,) = torch.autograd.grad(out.loss, emb)
+    roles = ("anchor", "positive", "negative")
+    out, grads = _served(name, params, {role: emb[trip[:, k]] for k, role in enumerate(roles)})
+    grad = torch.zeros_like(emb)
+    for k, role in enumerate(roles):
+        grad.index_add_(0, trip[:, k], grads[role])
     expected = v["expected"]
     if h["reduction"] == "none":
         torch.testing.assert_close(out.per_item, torch.tensor(expected["loss"], dtype=T), **tol)
     else:
-        torch.testing.assert_close(out.loss, torch.tensor(expected["loss"], dtype=T), **tol)
+        torch.testing.assert_close(torch.tensor(out.loss, dtype=T), torch.tensor(expected["loss"], dtype=T), **tol)
     torch.testing.assert_close(grad, torch.tensor(expected["grad_embeddings"], dtype=T), **tol)
 
 

@@ -1,4 +1,5 @@
-"""The native triplet losses (batch_hard_triplet, batch_all_triplet, triplet_margin) called directly.
+"""The native triplet losses (batch_hard_triplet, batch_all_triplet, triplet_margin), computed the way the service
+computes a stateless batch (validation, then ``compute.run``; with a cross-batch memory, the loss's own forward).
 
 References, none of them produced by the code under test: the spec's vectors (LOSSES.md §F), torch's
 TripletMarginLoss / TripletMarginWithDistanceLoss, pytorch-metric-learning 2.9.0 with matched conventions,
@@ -8,10 +9,13 @@ brute-force loops written from the spec's text, and finite differences (gradchec
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from served import serve
 from vectors import load_vector, run_vector, vector_names
 
 from embtrain_server.errors import InvalidArgument
@@ -22,29 +26,51 @@ load_all()
 CPU = torch.device("cpu")
 F64, F32 = torch.float64, torch.float32
 Tensor = torch.Tensor
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+PML_REASON = "needs the pml extra: pip install 'embtrain[pml]'"
 
 
-def ctx(max_triplets: int = 1 << 30, per_item: bool = True, memory: Memory | None = None) -> ComputeContext:
-    return ComputeContext(device=CPU, max_triplets=max_triplets, want_triplets=True, want_per_item=per_item,
-                          memory=memory)
+class Out(NamedTuple):
+    """What the tests read of one computed batch (CPU tensors)."""
+
+    loss: Tensor  # 0-dim, in the dtype the batch was computed in
+    triplets: Tensor | None
+    triplets_total: int
+    per_item: Tensor | None
+    stats: dict[str, float]
 
 
-def run(name: str, params: dict, x: Tensor, labels: Tensor | None = None, triplets: Tensor | None = None,
-        context: ComputeContext | None = None):
-    """Check and compute; returns (output, gradient) with the gradient however the loss provides it."""
+def run(name: str, params: dict, x: Tensor, labels: Tensor | None = None, triplets: Tensor | None = None, *,
+        max_triplets: int = 1 << 30, per_item: bool = True, memory: Memory | None = None) -> tuple[Out, Tensor]:
+    """Compute one batch on the CPU; returns (output, gradient w.r.t. ``x``).
+
+    Without a memory this is the service's stateless path: validation, then ``compute.run``. A cross-batch memory
+    is session state that ``compute.run`` does not take, so with one the loss's own ``forward`` is called (the
+    gradient by autograd, or the one the loss returns).
+    """
     loss_fn = get(name)(params)
-    inputs = {"embeddings": x.detach().clone().requires_grad_(True)}
+    inputs = {"embeddings": x.detach().clone()}
     if labels is not None:
         inputs["labels"] = labels
     if triplets is not None:
         inputs["triplets"] = triplets
-    loss_fn.check_inputs(inputs)
-    out = loss_fn.forward(inputs, context or ctx())
-    if out.gradients is not None:
-        grad = out.gradients["embeddings"]
+    if memory is None:
+        res = serve(loss_fn, inputs, max_triplets=max_triplets, per_item=per_item)
+        out = Out(torch.tensor(res.loss, dtype=x.dtype), res.triplets, res.triplets_total, res.per_item, res.stats)
+        grad = res.gradients["embeddings"]
     else:
-        (grad,) = torch.autograd.grad(out.loss, inputs["embeddings"], allow_unused=True)
-        grad = torch.zeros_like(x) if grad is None else grad
+        loss_fn.check_inputs(inputs)
+        leaf = inputs["embeddings"].requires_grad_(True)
+        raw = loss_fn.forward(inputs, ComputeContext(device=CPU, max_triplets=max_triplets, want_triplets=True,
+                                                     want_per_item=per_item, memory=memory))
+        if raw.gradients is not None:
+            grad = raw.gradients["embeddings"]
+        else:
+            (grad,) = torch.autograd.grad(raw.loss, leaf, allow_unused=True)
+            grad = torch.zeros_like(x) if grad is None else grad
+        out = Out(raw.loss.detach(), raw.triplets, raw.triplets_total,
+                  None if raw.per_item is None else raw.per_item.detach(), raw.stats)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     return out, grad
 
@@ -85,19 +111,22 @@ def _expected_per_item(vec: dict) -> list[float]:
     return sums
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("large_path", [False, True], ids=["direct", "blocked"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", VECTORS)
-def test_vector(name: str, dtype: torch.dtype, large_path: bool, request: pytest.FixtureRequest) -> None:
+def test_vector(name: str, dtype: torch.dtype, large_path: bool, device: str, request: pytest.FixtureRequest) -> None:
+    """The spec's vector through validation and the compute layer on ``device``: loss, gradient (in the input's
+    dtype, on the CPU) and mined triplets within the vector's tolerance."""
     if large_path:
         request.getfixturevalue("tiny_blocks")
     vec = load_vector(name)
     tol = vec["tolerance"]["float64" if dtype == F64 else "float32"]
     expected = vec["expected"]
-    res = run_vector(vec, dtype)
+    res = run_vector(vec, dtype, device=device)
     assert torch.allclose(torch.tensor(res.loss, dtype=F64), torch.tensor(expected["loss"], dtype=F64), **tol)
     assert torch.allclose(res.grad.to(F64), torch.tensor(expected["grad_embeddings"], dtype=F64), **tol)
-    assert res.grad.dtype == dtype
+    assert res.grad.dtype == dtype and res.grad.device.type == "cpu"
     assert res.triplets == expected["mined_triplets"]
 
 
@@ -108,7 +137,7 @@ def test_vector_per_item_and_stats(name: str, per_item: bool) -> None:
     params, inputs = vec["hyperparameters"], vec["inputs"]
     out, grad = run(vec["loss"], params, torch.tensor(inputs["embeddings"], dtype=F64),
                     torch.tensor(inputs["labels"]) if "labels" in inputs else None,
-                    torch.tensor(inputs["triplets"]) if "triplets" in inputs else None, ctx(per_item=per_item))
+                    torch.tensor(inputs["triplets"]) if "triplets" in inputs else None, per_item=per_item)
     e = vec["expected"]
     tol = vec["tolerance"]["float64"]
     # The "all" miner takes another code path when no per-triplet list is wanted: same loss and gradient.
@@ -137,7 +166,7 @@ class _Wrapped(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, x, name, params, labels, triplets, memory):  # type: ignore[override]
-        out, grad = run(name, params, x, labels, triplets, ctx(memory=memory))
+        out, grad = run(name, params, x, labels, triplets, memory=memory)
         fctx.save_for_backward(grad)
         return out.loss.detach().clone()
 
@@ -283,7 +312,7 @@ def test_triplet_margin_against_brute_force(miner: str, kind: str, extra: dict, 
     params = {"miner": miner, "distance_kind": kind, "margin": margin, "swap": swap, **extra}
     memory = Memory(mem, y_mem, torch.arange(5)) if with_memory else None
     for reduction in ("mean", "sum", "none"):
-        out, grad = run("triplet_margin", params | {"reduction": reduction}, x, y, context=ctx(memory=memory))
+        out, grad = run("triplet_margin", params | {"reduction": reduction}, x, y, memory=memory)
         dist = ref_distance(kind, extra.get("p", 2.0), extra.get("eps", 1e-6))
         cand = x if mem is None else torch.cat([x, mem])
         sel = brute_select(miner, cand, y if mem is None else torch.cat([y, y_mem]), x.shape[0], dist)
@@ -315,7 +344,7 @@ def test_batch_losses_against_brute_force_with_memory(name: str, params: dict, l
     y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 3, 1])
     mem, y_mem = randn(6, 3, seed=10), torch.tensor([3, 0, 5, 1, 1, 2])
     for per_item in (True, False):
-        out, grad = run(name, params, x, y, context=ctx(per_item=per_item, memory=Memory(mem, y_mem, torch.arange(6))))
+        out, grad = run(name, params, x, y, per_item=per_item, memory=Memory(mem, y_mem, torch.arange(6)))
         dist = ref_distance("clamped_euclidean")
         miner = "batch_hard" if name == "batch_hard_triplet" else "all"
         sel = brute_select(miner, torch.cat([x, mem]), torch.cat([y, y_mem]), 9, dist)
@@ -392,7 +421,7 @@ def test_given_memory_is_ignored_and_labels_optional() -> None:
     t = torch.tensor([[0, 1, 2], [3, 4, 5]])
     mem = Memory(randn(3, 3, seed=2), torch.tensor([0, 1, 2]), torch.arange(3))
     a, ga = run("triplet_margin", {}, x, triplets=t)
-    b, gb = run("triplet_margin", {"miner": "given"}, x, torch.tensor([0, 0, 1, 1, 2, 2]), t, ctx(memory=mem))
+    b, gb = run("triplet_margin", {"miner": "given"}, x, torch.tensor([0, 0, 1, 1, 2, 2]), t, memory=mem)
     assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
     ref = torch.nn.TripletMarginLoss()(x[t[:, 0]], x[t[:, 1]], x[t[:, 2]])
     assert torch.allclose(a.loss, ref, rtol=1e-12)
@@ -400,33 +429,35 @@ def test_given_memory_is_ignored_and_labels_optional() -> None:
 
 # ---- pytorch-metric-learning ------------------------------------------------------------------------------------
 
-pml = pytest.importorskip("pytorch_metric_learning")
-from pytorch_metric_learning import distances as pml_distances  # noqa: E402
-from pytorch_metric_learning import losses as pml_losses  # noqa: E402
-from pytorch_metric_learning import miners as pml_miners  # noqa: E402
-from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
+@pytest.fixture
+def pml() -> SimpleNamespace:
+    """pytorch-metric-learning's distances, losses, miners and reducers; the test is skipped without the extra
+    (only these tests: the rest of the file needs nothing optional)."""
+    pytest.importorskip("pytorch_metric_learning", reason=PML_REASON)
+    from pytorch_metric_learning import distances, losses, miners, reducers
+    return SimpleNamespace(distances=distances, losses=losses, miners=miners, reducers=reducers)
 
 
-def _pml_triplet_loss(margin: float):
-    return pml_losses.TripletMarginLoss(margin=margin, distance=pml_distances.LpDistance(normalize_embeddings=False),
-                                        reducer=pml_reducers.MeanReducer())
+def _pml_triplet_loss(pml: SimpleNamespace, margin: float) -> torch.nn.Module:
+    return pml.losses.TripletMarginLoss(margin=margin, distance=pml.distances.LpDistance(normalize_embeddings=False),
+                                        reducer=pml.reducers.MeanReducer())
 
 
 @pytest.mark.parametrize("n_classes,k,d,margin", [(8, 4, 16, 0.3), (16, 4, 8, 5.0), (64, 8, 32, 0.3)],
                          ids=["small", "all-active", "large-path"])
-def test_batch_hard_matches_pml(n_classes: int, k: int, d: int, margin: float) -> None:
+def test_batch_hard_matches_pml(pml: SimpleNamespace, n_classes: int, k: int, d: int, margin: float) -> None:
     labels = pk_labels(n_classes, k, seed=2)
     x = randn(n_classes * k, d, seed=4)
     out, grad = run("batch_hard_triplet", {"margin": margin}, x, labels)
     xr = x.clone().requires_grad_(True)
-    miner = pml_miners.BatchHardMiner(distance=pml_distances.LpDistance(normalize_embeddings=False))
+    miner = pml.miners.BatchHardMiner(distance=pml.distances.LpDistance(normalize_embeddings=False))
     a, p, n = miner(xr, labels)
-    ref = _pml_triplet_loss(margin)(xr, labels, (a, p, n))
+    ref = _pml_triplet_loss(pml, margin)(xr, labels, (a, p, n))
     (ref_grad,) = torch.autograd.grad(ref, xr)
     assert torch.allclose(out.loss, ref.detach(), rtol=1e-9, atol=1e-12)
     assert torch.allclose(grad, ref_grad, rtol=1e-8, atol=1e-11)
     with torch.no_grad():
-        mat = pml_distances.LpDistance(normalize_embeddings=False)(x)
+        mat = pml.distances.LpDistance(normalize_embeddings=False)(x)
         keep = (mat[a, p] - mat[a, n] + margin) > 0
     pml_active = sorted(map(tuple, torch.stack([a, p, n], 1)[keep].tolist()))
     assert [tuple(t) for t in out.triplets.tolist()] == pml_active
@@ -436,16 +467,16 @@ def test_batch_hard_matches_pml(n_classes: int, k: int, d: int, margin: float) -
 
 @pytest.mark.parametrize("per_item", [False, True], ids=["sorted", "dense"])
 @pytest.mark.parametrize("n_classes,k,d", [(6, 4, 8), (32, 8, 32)], ids=["small", "large-path"])
-def test_batch_all_mean_matches_pml(n_classes: int, k: int, d: int, per_item: bool) -> None:
+def test_batch_all_mean_matches_pml(pml: SimpleNamespace, n_classes: int, k: int, d: int, per_item: bool) -> None:
     labels = pk_labels(n_classes, k, seed=3)
     x = randn(n_classes * k, d, seed=5)
     margin = 1.0
-    out, grad = run("batch_all_triplet", {"margin": margin}, x, labels, context=ctx(per_item=per_item))
+    out, grad = run("batch_all_triplet", {"margin": margin}, x, labels, per_item=per_item)
     # The same selection through triplet_margin (distance ||a - p + 0||_2, the "all" miner) must agree as well.
     out2, grad2 = run("triplet_margin", {"miner": "all", "margin": margin, "eps": 0.0}, x, labels,
-                      context=ctx(per_item=per_item))
+                      per_item=per_item)
     xr = x.clone().requires_grad_(True)
-    ref = _pml_triplet_loss(margin)(xr, labels)
+    ref = _pml_triplet_loss(pml, margin)(xr, labels)
     (ref_grad,) = torch.autograd.grad(ref, xr)
     for o, g in ((out, grad), (out2, grad2)):
         assert 0 < o.stats["active_triplets"] < o.stats["selected_triplets"]
@@ -463,7 +494,7 @@ def test_hardest_negative_from_memory(name: str, params: dict) -> None:
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     mem_x = torch.cat([randn(3, 4, seed=12) + 20.0, x[5:6] + 1e-3])  # row 3: next to anchor 5, other label
     mem = Memory(mem_x, torch.tensor([0, 1, 2, 9]), torch.tensor([100, 101, 102, 103]))
-    out, grad = run(name, params, x, y, context=ctx(memory=mem))
+    out, grad = run(name, params, x, y, memory=mem)
     rows = {t[0]: t for t in out.triplets.tolist()}
     assert rows[5][2] == 8 + 3  # candidate index n + 3: memory row 3
     without, _ = run(name, params, x, y)
@@ -508,7 +539,7 @@ def test_exact_zero_hinge_is_inactive() -> None:
                          ("triplet_margin", {"miner": "given", "margin": 1.0, "eps": 0.0})):
         for per_item in (False, True):
             triplets = torch.tensor([[1, 0, 2]]) if params.get("miner") == "given" else None
-            out, grad = run(name, params, x, None if triplets is not None else y, triplets, ctx(per_item=per_item))
+            out, grad = run(name, params, x, None if triplets is not None else y, triplets, per_item=per_item)
             assert float(out.loss) == 0.0
             assert torch.count_nonzero(grad) == 0
             assert out.triplets.shape == (0, 3) and out.triplets_total == 0
@@ -568,7 +599,7 @@ def test_max_triplets_keeps_the_first_in_order(name: str, params: dict, limit: i
     x = randn(16, 3, seed=21)
     y = pk_labels(4, 4, seed=5)
     full, g_full = run(name, params, x, y)
-    cut, g_cut = run(name, params, x, y, context=ctx(max_triplets=limit))
+    cut, g_cut = run(name, params, x, y, max_triplets=limit)
     rows = full.triplets.tolist()
     assert rows == [list(t) for t in sorted(set(map(tuple, rows)))]
     assert len(rows) > 7
@@ -580,7 +611,7 @@ def test_max_triplets_keeps_the_first_in_order(name: str, params: dict, limit: i
 def test_given_triplets_are_deduplicated_sorted_and_truncated() -> None:
     x = randn(6, 2, seed=2)
     t = torch.tensor([[5, 4, 0], [0, 1, 2], [5, 4, 0], [2, 3, 1], [0, 1, 2]])
-    out, _ = run("triplet_margin", {"margin": 50.0}, x, triplets=t, context=ctx(max_triplets=2))
+    out, _ = run("triplet_margin", {"margin": 50.0}, x, triplets=t, max_triplets=2)
     assert out.triplets.tolist() == [[0, 1, 2], [2, 3, 1]] and out.triplets_total == 3
     assert out.stats["selected_triplets"] == 5
 
@@ -602,7 +633,7 @@ def test_large_batch_all_and_semihard_match_float64_reference() -> None:
     pos = same.clone()
     pos[torch.arange(24), anchors] = False
 
-    out, grad = run("batch_all_triplet", {"margin": 0.3}, x, y, context=ctx(max_triplets=1000))
+    out, grad = run("batch_all_triplet", {"margin": 0.3}, x, y, max_triplets=1000)
     assert grad.shape == x.shape and out.triplets.shape == (1000, 3)
     for i in range(24):
         dap = drow[i][pos[i]]
@@ -612,7 +643,7 @@ def test_large_batch_all_and_semihard_match_float64_reference() -> None:
     assert out.stats["selected_triplets"] == n * 15 * (n - 16)
 
     out, grad = run("triplet_margin", {"miner": "semihard", "margin": 0.2, "eps": 0.0}, x, y,
-                    context=ctx(max_triplets=1000))
+                    max_triplets=1000)
     per_pair = out.per_item.double()
     # pairs are listed anchor by anchor, 15 positives each (every anchor has negatives)
     for i in range(24):
@@ -640,8 +671,8 @@ def test_matmul_backward_float32_matches_float64(kind: str) -> None:
     else:
         name, params = "triplet_margin", {"miner": "all", "distance_kind": kind,
                                           "margin": {"cosine": 0.05, "squared_euclidean": 2.0}.get(kind, 0.5)}
-    out32, g32 = run(name, params, x.float(), y, context=ctx(per_item=False))
-    out64, g64 = run(name, params, x, y, context=ctx(per_item=False))
+    out32, g32 = run(name, params, x.float(), y, per_item=False)
+    out64, g64 = run(name, params, x, y, per_item=False)
     assert out64.stats["active_triplets"] > 1000
     assert torch.allclose(out32.loss.double(), out64.loss, rtol=1e-4)
     scale = g64.abs().max()
@@ -661,7 +692,7 @@ def test_large_classes_use_the_binary_search_path() -> None:
                 for a in range(60))
     count = int(sum(((same[a] & ~eye[a]).sum() * (~same[a]).sum()) for a in range(60)))
     (ref_grad,) = torch.autograd.grad(total / count, xr)
-    out, grad = run("batch_all_triplet", {"margin": 0.5}, x, y, context=ctx(per_item=False))
+    out, grad = run("batch_all_triplet", {"margin": 0.5}, x, y, per_item=False)
     assert torch.allclose(out.loss, total.detach() / count, rtol=1e-10)
     assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
 

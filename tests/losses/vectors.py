@@ -1,8 +1,8 @@
-"""Load the spec's test vectors (LOSSES.md §F) and run one directly against a loss class (no server).
+"""Load the spec's test vectors (LOSSES.md §F) and run one through the compute layer (no server).
 
 ``run_vector(vec, dtype)`` builds the inputs, instantiates the loss named by ``vec["loss"]`` with the vector's
-hyperparameters, checks and computes it, and returns the loss (a list for ``reduction="none"``), the gradient
-w.r.t. the embeddings and the mined triplets.
+hyperparameters, validates and computes it with ``compute.run`` (see ``served``), and returns the loss (a list for
+``reduction="none"``), the gradient w.r.t. the embeddings and the mined triplets.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from served import serve
 
-from embtrain_server.losses import ComputeContext, get, load_all
+from embtrain_server.losses import get, load_all
 
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "data" / "vectors"
 _FLOAT_INPUTS = {"embeddings", "gt_distances", "centers"}
@@ -59,26 +60,16 @@ def build_inputs(vec: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Ten
     return inputs
 
 
-def run_vector(vec: dict[str, Any], dtype: torch.dtype, max_triplets: int = 1 << 30) -> VectorResult:
+def run_vector(vec: dict[str, Any], dtype: torch.dtype, max_triplets: int = 1 << 30,
+               device: str = "cpu") -> VectorResult:
     load_all()
-    cls = get(vec["loss"])
-    loss_fn = cls(vec["hyperparameters"])
-    inputs = build_inputs(vec, dtype)
-    loss_fn.check_inputs(inputs)
-    emb = inputs["embeddings"].requires_grad_(True)
-    ctx = ComputeContext(device=torch.device("cpu"), max_triplets=max_triplets, want_triplets=True,
-                         want_per_item=True)
-    out = loss_fn.forward(inputs, ctx)
-    if out.gradients is not None:
-        grad = out.gradients["embeddings"]
-    else:
-        (grad,) = torch.autograd.grad(out.loss, emb, allow_unused=True)
-        grad = torch.zeros_like(emb) if grad is None else grad
+    loss_fn = get(vec["loss"])(vec["hyperparameters"])
+    res = serve(loss_fn, build_inputs(vec, dtype), device=device, max_triplets=max_triplets, per_item=True)
     if vec["hyperparameters"].get("reduction") == "none":
-        assert out.per_item is not None
-        loss: float | list[float] = out.per_item.detach().tolist()
+        assert res.per_item is not None
+        loss: float | list[float] = res.per_item.tolist()
     else:
-        loss = float(out.loss)
-    triplets = out.triplets.tolist() if out.triplets is not None else []
+        loss = res.loss
+    triplets = res.triplets.tolist() if res.triplets is not None else []
     assert not (isinstance(loss, float) and math.isnan(loss))
-    return VectorResult(loss, grad.detach(), triplets)
+    return VectorResult(loss, res.gradients["embeddings"], triplets)
