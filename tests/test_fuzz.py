@@ -10,6 +10,7 @@ the total for a longer, randomised run.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 from embtrain_server import losses
 from tests.conftest import ServerHandle, base_config
+
+HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 
 TOTAL = int(os.environ.get("EMBTRAIN_FUZZ_EXAMPLES", "300"))
 LONG_RUN = "EMBTRAIN_FUZZ_EXAMPLES" in os.environ
@@ -393,8 +396,9 @@ def sessions(stub: pb_grpc.EmbeddingTrainerStub) -> list[str]:
                dict(loss="island", params={"num_classes": 5}),
                dict(loss="contrastive", head=[{"type": "mlp", "hidden": [8], "dropout": 0.2, "out_dim": 4},
                                               {"type": "l2_normalize"}], optimizer={"type": "sgd", "lr": 0.1}),
-               dict(loss="pml.ArcFaceLoss", params={"num_classes": 6}),
                dict(loss="triplet_margin", memory={"size": 8})]
+    if HAVE_PML:
+        configs.append(dict(loss="pml.ArcFaceLoss", params={"num_classes": 6}))
     ids = []
     for cfg in configs:
         c = pb.SessionConfig()
@@ -553,6 +557,7 @@ def test_fuzz_finding_close_without_a_session_id(stub: pb_grpc.EmbeddingTrainerS
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.skipif(not HAVE_PML, reason="needs the pml extra: pip install 'embtrain[pml]'")
 @pytest.mark.parametrize("loss", ["pml.ArcFaceLoss", "pml.ProxyAnchorLoss"])
 def test_fuzz_finding_a_session_batch_in_another_float_dtype(fuzz_server: ServerHandle, loss: str) -> None:
     """A learnable-proxy PML session trained in float32 got a float16 batch: the optimiser step failed after the

@@ -517,32 +517,28 @@ def test_max_connection_age_recycles_connections(make_server) -> None:  # type: 
         with pytest.raises(embtrain.Unavailable):
             for _ in c.compute_stream(slow(), loss="batch_hard_triplet", max_in_flight=1):
                 pass
-    # unary calls on one client go on across the recycled connections
+    # unary calls on one client go on across the recycled connections: 40 calls at least 50 ms apart span more
+    # than two connection ages plus grace, so some of them run on a connection the server opened after a recycle
     with h.client() as c:
-        end = time.monotonic() + 2.5
-        calls = 0
-        while time.monotonic() < end:
+        for _ in range(40):
             assert np.isfinite(c.compute(x, y, loss="batch_hard_triplet").loss)
-            calls += 1
             time.sleep(0.05)
-        assert calls > 10
-    assert h.running.servicer.open_streams == 0
+    assert gauge(h, "embtrain_open_streams") == 0
 
 
 def test_stream_ends_promptly_when_the_server_drains(make_server) -> None:  # type: ignore[no-untyped-def]
-    """An idle stream (no batch in flight) is ended at once by a graceful stop, not after the drain timeout."""
-    h: ServerHandle = make_server(drain_seconds=60)
+    """An idle stream (no batch in flight) is ended at once by a graceful stop, not after the drain timeout (an
+    hour here: the stop finishing within the guard below proves the stream did not hold it)."""
+    h: ServerHandle = make_server(drain_seconds=3600)
     x, y = batch()
     s = RawStream(h.target)
     s.send(request(x, y, "r0"))
     assert s.recv().request_id == "r0"
-    started = time.monotonic()
-    fut = asyncio.run_coroutine_threadsafe(h.running.stop(60), h.loop)
+    fut = asyncio.run_coroutine_threadsafe(h.running.stop(3600), h.loop)
     with pytest.raises(grpc.RpcError) as info:
         s.recv()
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    fut.result(timeout=30)
-    assert time.monotonic() - started < 30
+    fut.result(timeout=120)
     h.loop.call_soon_threadsafe(h.loop.stop)
     h.thread.join(10)
     s.close()

@@ -9,6 +9,7 @@ own, island updates come from the spec vectors, mined triplets from a brute-forc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import pathlib
@@ -415,8 +416,11 @@ def test_contrastive_with_memory_pairs_the_batch_with_the_last_rows(client: embt
     assert s.info().memory_fill == 6
 
 
-@pytest.mark.parametrize("loss,params", [("island", {"num_classes": 3}), ("weighted_margin_ranking", {}),
-                                         ("pml.ContrastiveLoss", {})])
+@pytest.mark.parametrize("loss,params", [
+    ("island", {"num_classes": 3}), ("weighted_margin_ranking", {}),
+    pytest.param("pml.ContrastiveLoss", {}, marks=pytest.mark.skipif(
+        importlib.util.find_spec("pytorch_metric_learning") is None,
+        reason="needs the pml extra: pip install 'embtrain[pml]'"))])
 def test_memory_refused_for_losses_that_do_not_use_it(client: embtrain.Client, loss: str,
                                                       params: dict[str, Any]) -> None:
     with pytest.raises(embtrain.InvalidArgument, match="config.memory.size: loss .* does not use"):

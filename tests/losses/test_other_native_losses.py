@@ -2,8 +2,9 @@
 §E.1, §E.2), finite differences, and brute-force loops written here from the spec's formulas.
 
 Batches go through validation and the compute layer (``compute.run``), as the service computes them; a loss's own
-methods (``kept_pairs``, island's session ``update``) and cross-batch memories, which ``compute.run`` does not take,
-are exercised through the loss's ``forward``."""
+methods (island's session ``update``) and cross-batch memories, which ``compute.run`` does not take, are exercised
+through the loss's ``forward``. Multi-similarity's mining is observed through what it returns: the kept-pair counts
+and the loss and gradient, which depend on exactly which pairs were kept."""
 
 from __future__ import annotations
 
@@ -142,11 +143,6 @@ def test_spec_vector(name: str, dtype: str, device: str) -> None:
         delta = paper_center_delta(x, inputs["labels"].to(device), c, v["hyperparameters"]["lambda1"])
         _close(delta, exp["paper_center_delta"], tol)
     if v["loss"] == "multi_similarity":
-        dev_inputs = {k: t.to(device, DTYPES[dtype]) if t.is_floating_point() else t.to(device)
-                      for k, t in inputs.items()}
-        pos, neg = loss.kept_pairs(dev_inputs, _ctx(device))
-        assert pos.cpu().tolist() == exp["mined_pos_pairs"]
-        assert neg.cpu().tolist() == exp["mined_neg_pairs"]
         assert out.stats["kept_positive_pairs"] == len(exp["mined_pos_pairs"])
         assert out.stats["kept_negative_pairs"] == len(exp["mined_neg_pairs"])
 
@@ -563,8 +559,8 @@ def test_multi_similarity_matches_anchor_loop(params: dict[str, Any], with_memor
     (ref_grad,) = torch.autograd.grad(ref, x)
     assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
     torch.testing.assert_close(grads["embeddings"], ref_grad, rtol=1e-10, atol=1e-13)
-    pos, neg = loss.kept_pairs(inputs, _ctx("cpu", memory=mem))
-    assert set(map(tuple, pos.tolist())) == kept_pos and set(map(tuple, neg.tolist())) == kept_neg
+    assert out.stats["kept_positive_pairs"] == len(kept_pos) and out.stats["kept_negative_pairs"] == len(kept_neg)
+    assert out.stats["anchors_with_pairs"] == len({a for a, _ in kept_pos})
     assert out.per_item.shape == (12,) and float(out.per_item[11]) == 0.0
 
 

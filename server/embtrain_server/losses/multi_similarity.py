@@ -24,7 +24,7 @@ from ._mining import check_labels
 
 @register
 class MultiSimilarityLoss(Loss):
-    """Multi-similarity loss (§E.2); ``kept_pairs`` reports the mined (anchor, partner) pairs."""
+    """Multi-similarity loss (§E.2); the stats count the mined (anchor, partner) pairs."""
 
     name = "multi_similarity"
     uses_memory = True
@@ -63,14 +63,6 @@ class MultiSimilarityLoss(Loss):
             stats={"kept_positive_pairs": float(keep_pos.sum()), "kept_negative_pairs": float(keep_neg.sum()),
                    "anchors_with_pairs": float(anchor_ok.sum())},
         )
-
-    def kept_pairs(self, inputs: dict[str, torch.Tensor],
-                   ctx: ComputeContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mined (anchor, partner) pairs that enter the loss, as int64 [k, 2] (partner ``j >= n`` is memory
-        row ``j − n``), sorted: the positives ``P'`` and the negatives ``N'`` of the anchors that contribute."""
-        with torch.no_grad():
-            _, keep_pos, keep_neg, _ = self._mine(inputs, ctx)
-        return keep_pos.nonzero(), keep_neg.nonzero()
 
     def _mine(self, inputs: dict[str, torch.Tensor],
               ctx: ComputeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
