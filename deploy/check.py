@@ -47,6 +47,7 @@ EXPORTED_METRICS: dict[str, str] = {
     "embtrain_open_streams": "gauge",
     "embtrain_stream_pending_batches": "gauge",
     "embtrain_worker_calls": "gauge",
+    "embtrain_unloaded_checkpoints": "gauge",
     "embtrain_device_memory_bytes": "gauge",
     "embtrain_device_memory_limit_bytes": "gauge",
     "embtrain_checkpoints_total": "counter",

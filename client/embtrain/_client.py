@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from google.protobuf import json_format, struct_pb2
 from . import codec
 from .structs import struct_to_dict, value_to_python
 from . import wire
-from .errors import EmbtrainError, InvalidArgument, from_rpc_error, from_status, invalid_argument
+from .errors import EmbtrainError, InvalidArgument, Unavailable, from_rpc_error, from_status, invalid_argument
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .v1 import embtrain_pb2 as pb
@@ -228,16 +229,19 @@ class Client:
     ``load_balancing="round_robin"`` balances stateless calls over every pod). ``routing_template`` (e.g.
     ``"{node}.embtrain-headless.ns.svc.cluster.local:50051"``) sends session calls to the pod named in the session
     id (``<node>.<token>``). TLS: ``tls=True`` with optional ``root_certificates`` (PEM bytes or a path) and, for
-    mutual TLS, ``certificate_chain`` and ``private_key``.
+    mutual TLS, ``certificate_chain`` and ``private_key``. ``retries``: how often a step-numbered session batch is
+    resent while the server is unavailable (safe: the server applies a step once).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float | None = 30.0, *,
                  tls: bool = False, root_certificates: bytes | str | None = None,
                  certificate_chain: bytes | str | None = None, private_key: bytes | str | None = None,
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, load_balancing: str | None = None,
-                 routing_template: str | None = None, options: Iterable[tuple[str, Any]] = ()) -> None:
+                 routing_template: str | None = None, options: Iterable[tuple[str, Any]] = (),
+                 retries: int = 5) -> None:
         self.target = target
         self.timeout = timeout
+        self.retries = retries
         self._token = token if token is not None else os.environ.get("EMBTRAIN_TOKEN")
         self._tls = tls or any(x is not None for x in (root_certificates, certificate_chain, private_key))
         self._creds = grpc.ssl_channel_credentials(
@@ -329,11 +333,17 @@ class Client:
     # ---- compute -----------------------------------------------------------------------------------------
     def _request(self, embeddings: Any, labels: Any, inputs: Mapping[str, Any], *, loss: str | None,
                  params: Mapping[str, Any] | None, session_id: str | None, gradient: bool, triplets: bool,
-                 max_triplets: int, per_item_losses: bool) -> tuple[str, bytes]:
+                 max_triplets: int, per_item_losses: bool, step: int | None = None) -> tuple[str, bytes]:
         """(request id, the ComputeRequest's bytes), tensors framed by hand: one copy of each."""
         req = pb.ComputeRequest(request_id=uuid.uuid4().hex)
         if session_id is not None:
             req.session_id = session_id
+            if step is not None:
+                if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+                    raise invalid_argument("step", f"expected an integer >= 1, got {step!r}")
+                req.step = step
+        elif step is not None:
+            raise invalid_argument("step", "only session batches have steps; leave it out for a stateless batch")
         else:
             if not loss:
                 raise _no_loss()
@@ -356,21 +366,35 @@ class Client:
     def compute(self, embeddings: Any = None, labels: Any = None, *, loss: str | None = None,
                 params: Mapping[str, Any] | None = None, session_id: str | None = None,
                 return_gradient: bool = True, return_triplets: bool = True, max_triplets: int = 0,
-                per_item_losses: bool = False, timeout: float | None = None, **inputs: Any) -> ComputeResult:
+                per_item_losses: bool = False, timeout: float | None = None, step: int | None = None,
+                **inputs: Any) -> ComputeResult:
         """One batch. Other named inputs are keyword arguments (``gt_distances=``, ``triplets=``, ``centers=``,
-        ``ids=``, or a torch loss's own inputs such as ``input=``, ``target=``)."""
+        ``ids=``, or a torch loss's own inputs such as ``input=``, ``target=``).
+
+        ``step`` (session batches): the step this batch is. The server applies it only as the session's next step
+        and answers a resend of the last applied step with the same answer, so a step-numbered batch is applied
+        exactly once however often it is sent: when the server is unavailable (a dropped connection, a restart)
+        the SDK resends it by itself, up to ``Client(retries=...)`` times."""
         _, req = self._request(embeddings, labels, inputs, loss=loss, params=params, session_id=session_id,
                                gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
-                               per_item_losses=per_item_losses)
+                               per_item_losses=per_item_losses, step=step)
         like = embeddings if embeddings is not None else next(iter(inputs.values()), None)
         dec = _Decoder(like)
-        return _result(self._call(self._session_stubs(session_id).compute, req, timeout), lambda _: dec)
+        method = self._session_stubs(session_id).compute
+        for attempt in range(self.retries + 1 if step is not None else 1):
+            try:
+                return _result(self._call(method, req, timeout), lambda _: dec)
+            except Unavailable:
+                if attempt >= self.retries or step is None:
+                    raise
+                time.sleep(min(0.1 * 2 ** attempt, 2.0))
+        raise AssertionError("unreachable")
 
     def compute_stream(self, batches: Iterable[Any], *, loss: str | None = None,
                        params: Mapping[str, Any] | None = None, session_id: str | None = None,
                        max_in_flight: int = 4, return_gradient: bool = True, return_triplets: bool = True,
                        max_triplets: int = 0, per_item_losses: bool = False,
-                       timeout: float | None = None) -> Iterator[ComputeResult]:
+                       timeout: float | None = None, first_step: int | None = None) -> Iterator[ComputeResult]:
         """Stream batches (``(X, y)`` tuples or dicts of named inputs) and yield one result per batch, in order.
 
         At most ``max_in_flight`` batches are sent ahead of their answers. A batch the server rejects comes back
@@ -379,6 +403,10 @@ class Client:
         it raises the ``InvalidArgument`` that ``compute`` raises for it, and nothing after it is read. An
         exception raised by ``batches`` itself is re-raised the same way. ``timeout`` bounds the whole stream
         (default none). ``max_in_flight`` and the loss are checked when this is called, not at the first result.
+
+        ``first_step`` (session streams): number the batches ``first_step``, ``first_step + 1``, ... so that each
+        is applied exactly once (see ``compute``); after a rejected batch the later ones are refused in-band with
+        FAILED_PRECONDITION naming the expected step, and a new stream resends from there.
         """
         if max_in_flight < 1:
             raise invalid_argument("max_in_flight", f"expected >= 1, got {max_in_flight}")
@@ -401,7 +429,8 @@ class Client:
                     request_id, req = self._request(emb, lab, named, loss=loss, params=params,
                                                     session_id=session_id, gradient=return_gradient,
                                                     triplets=return_triplets, max_triplets=max_triplets,
-                                                    per_item_losses=per_item_losses)
+                                                    per_item_losses=per_item_losses,
+                                                    step=None if first_step is None else first_step + index)
                     decoders[request_id] = _Decoder(emb)
                     while not window.acquire(timeout=0.1):
                         if stop.is_set():

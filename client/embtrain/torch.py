@@ -49,6 +49,9 @@ class RemoteLoss(nn.Module):
     returns a scalar tensor on the embeddings' device and dtype; its backward applies the server's gradient for
     every differentiable input that requires grad. The last full result is kept in ``last_result`` (triplets,
     stats, step).
+
+    With a ``Session``, every call is a step-numbered batch (the next step after the session's current one, read
+    once at the first call), so a call that is resent after a lost answer is applied exactly once.
     """
 
     def __init__(self, client_or_target: Client | Session | str, loss: str | None = None,
@@ -65,13 +68,17 @@ class RemoteLoss(nn.Module):
         self.loss_name = loss
         self.params = {**(params or {}), **kwargs}
         self.last_result: ComputeResult | None = None
+        self._step: int | None = None  # the session's last applied step, as far as this loss knows
 
     def forward(self, embeddings: torch.Tensor, labels: Any = None, **inputs: Any) -> torch.Tensor:
         named = {"embeddings": embeddings, **inputs}
         want_grad = torch.is_grad_enabled() and any(
             torch.is_tensor(v) and v.requires_grad for v in named.values())
         if self.session is not None:
-            r = self.session.compute(embeddings, labels, return_gradient=want_grad, **inputs)
+            if self._step is None:
+                self._step = self.session.info().step
+            r = self.session.compute(embeddings, labels, return_gradient=want_grad, step=self._step + 1, **inputs)
+            self._step = r.step
         else:
             r = self.client.compute(embeddings, labels, loss=self.loss_name, params=self.params,
                                     return_gradient=want_grad, **inputs)

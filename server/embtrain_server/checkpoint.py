@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import secrets
 import struct
 import time
 from collections.abc import Mapping
@@ -19,9 +21,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import training
+from . import steps, training
 from .sessions import Session, SessionSpec
 
+log = logging.getLogger("embtrain.checkpoint")
 SUFFIX = ".safetensors"
 FORMAT = "embtrain-checkpoint-1"
 
@@ -71,20 +74,37 @@ def decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return json.loads(text), tensors
 
 
-def peek_owner(data: bytes) -> str | None:
-    """Best-effort owner of a (possibly damaged) checkpoint, for reporting it to the right principal."""
+def peek_owner(data: bytes, session_id: str) -> str | None:
+    """The owner of a (possibly damaged) checkpoint, for reporting it to that principal: only when its record is
+    readable and names the session the file is named after (a file swapped in under another id has no owner)."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        return json.loads(json.loads(data[8:8 + n])["__metadata__"]["record"])["owner"]
+        record = json.loads(json.loads(data[8:8 + n])["__metadata__"]["record"])
+        return str(record["owner"]) if record.get("id") == session_id else None
     except Exception:  # noqa: BLE001
         return None
 
 
+def ensure_dir(state_dir: pathlib.Path) -> None:
+    """Create ``state_dir`` (0700: checkpoints hold every principal's state) and check that files can be created
+    in it. Raises ``OSError`` with the reason."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not state_dir.is_dir():
+        raise NotADirectoryError(f"state_dir {state_dir} is not a directory")
+    probe = state_dir / f".probe.{secrets.token_hex(8)}.tmp"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+    probe.unlink()
+
+
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``path`` whole or not at all: a temporary file created exclusively (never through a symlink, mode
+    0600, an unpredictable name), fsync, rename, fsync of the directory."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -104,8 +124,11 @@ def remove_stale_temporaries(state_dir: pathlib.Path) -> int:
     checkpoint they were replacing is still complete. Returns how many were removed."""
     removed = 0
     for tmp in state_dir.glob(f".*{SUFFIX}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
+        try:
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        except OSError as exc:  # e.g. a read-only state_dir: the file is ignored, never loaded
+            log.warning("could not remove the stale temporary file %s: %s", tmp, exc)
     return removed
 
 
@@ -136,6 +159,9 @@ def session_to_checkpoint(sess: Session) -> tuple[dict[str, Any], dict[str, torc
         "created_time": sess.created_time, "in_dim": ts.in_dim if ts is not None else None,
         "dtype": ts.dtype if ts is not None else None, "saved_time": time.time(),
     }
+    if sess.last is not None:
+        record["answer"] = {"step": sess.last.step, "digest": sess.last.digest.hex() if sess.last.digest else None}
+        tensors["answer.bytes"] = torch.frombuffer(bytearray(sess.last.body()), dtype=torch.uint8)
     if ts is None:
         return record, tensors
     if ts.head is not None:
@@ -174,6 +200,10 @@ def session_from_checkpoint(record: Mapping[str, Any], tensors: Mapping[str, tor
                    created_time=float(record["created_time"]))
     sess.last_checkpoint_step = sess.step
     sess.last_checkpoint_time = float(record.get("saved_time", 0.0))
+    if record.get("answer") is not None:
+        kept = record["answer"]
+        sess.last = steps.Answer(int(kept["step"]), bytes.fromhex(kept["digest"]) if kept["digest"] else None,
+                                 encoded=tensors["answer.bytes"].numpy().tobytes())
     if record.get("in_dim") is None:
         return sess
     ts = training.build(spec, sess.initial_state, int(record["in_dim"]), device, optimizer=False)

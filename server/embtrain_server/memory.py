@@ -53,6 +53,18 @@ class MemoryBank:
         self.labels = torch.full((self.size,), -1, dtype=torch.int64, device=self.device)
         self.ids = torch.full((self.size,), NO_ID, dtype=torch.int64, device=self.device)
 
+    def reserve(self, dtype: torch.dtype) -> None:
+        """Allocate the storage (in the first batch's dtype) before a step commits, so that enqueue cannot fail
+        for want of memory."""
+        if self.embeddings.shape[0] == 0:
+            self._allocate(dtype)
+
+    def position(self) -> tuple[int, int]:
+        return self.ptr, self.fill
+
+    def set_position(self, ptr: int, fill: int) -> None:
+        self.ptr, self.fill = ptr, fill
+
     def enqueue(self, emb: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None) -> None:
         """Append a batch's rows (dropping the oldest beyond ``size``)."""
         n = emb.shape[0]

@@ -58,6 +58,9 @@ class Metrics:
         self.worker_calls = Gauge("embtrain_worker_calls", "Calls handed to the worker threads and not finished "
                                   "(queued or running)", registry=r)
         self.checkpoints = Counter("embtrain_checkpoints", "Checkpoint writes, by result", ["result"], registry=r)
+        self.unloaded_checkpoints = Gauge("embtrain_unloaded_checkpoints", "Checkpoints in state_dir that did not "
+                                          "load at start (corrupt, or needing a missing extra); the log says which",
+                                          registry=r)
         for result in ("ok", "error"):  # both series exist from the start, so increase() sees the first error
             self.checkpoints.labels(result)
         dev = str(device)

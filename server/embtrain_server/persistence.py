@@ -104,10 +104,11 @@ class Checkpointer:
         now = time.time()
         return await self._save_each(scheduler, [s for s in self.store.all() if self.due(s, now)])
 
-    async def save_all(self, scheduler: Scheduler) -> int:
-        """Shutdown: every session with unsaved steps (or never saved)."""
+    async def save_all(self, scheduler: Scheduler) -> tuple[int, int]:
+        """Shutdown: every session with unsaved steps (or never saved). Returns (saved, failed)."""
         todo = [s for s in self.store.all() if s.steps_since_checkpoint or s.last_checkpoint_step < 0]
-        return await self._save_each(scheduler, todo)
+        saved = await self._save_each(scheduler, todo)
+        return saved, len(todo) - saved
 
     async def _save_each(self, scheduler: Scheduler, sessions: list[Session]) -> int:
         saved = 0
@@ -123,6 +124,16 @@ class Checkpointer:
                 await self.save_due(scheduler)
 
     # ---- start --------------------------------------------------------------------------------------------
+    def check_state_dir(self) -> None:
+        """Refuse to start with a state_dir that cannot hold checkpoints (``ValueError`` with the reason)."""
+        if self.state_dir is None:
+            return
+        try:
+            checkpoint.ensure_dir(self.state_dir)
+        except OSError as exc:
+            raise ValueError(f"state_dir: {self.state_dir} cannot hold checkpoints ({exc}); give a writable "
+                             "directory (--state-dir) or run without persistence (--no-persist)") from None
+
     def restore_all(self, device: torch.device) -> tuple[int, int]:
         """Load every checkpoint in ``state_dir`` into the store; damaged ones are reported and moved aside.
         Returns (loaded, not loaded)."""
@@ -133,7 +144,15 @@ class Checkpointer:
         loaded = bad = 0
         for path in sorted(self.state_dir.glob(f"*{checkpoint.SUFFIX}")):
             sid = path.name[: -len(checkpoint.SUFFIX)]
-            data = path.read_bytes()
+            if path.is_symlink() or not path.is_file():
+                log.warning("skipping %s: not a regular checkpoint file", path)
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                log.error("skipping %s: %s", path, exc)
+                bad += 1
+                continue
             try:
                 record, tensors = checkpoint.decode(data)
                 if record.get("id") != sid:
@@ -144,17 +163,21 @@ class Checkpointer:
                 # Intact, but its loss needs an extra this server lacks: keep the file so that it loads once the
                 # extra is installed, and report it.
                 log.error("checkpoint %s not loaded: %s", path, exc.message)
-                self.store.add_unavailable(CorruptEntry(sid, checkpoint.peek_owner(data), str(path), exc.message,
-                                                        status="unavailable"))
+                self.store.add_unavailable(CorruptEntry(sid, checkpoint.peek_owner(data, sid), str(path),
+                                                        exc.message, status="unavailable"))
                 bad += 1
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
                 reason = str(exc) if isinstance(exc, checkpoint.CorruptCheckpoint) else f"{type(exc).__name__}: {exc}"
-                moved = checkpoint.move_aside(path)
+                try:
+                    moved = str(checkpoint.move_aside(path))
+                except OSError as move_exc:
+                    moved = f"nowhere ({move_exc}); it stays at {path}"
                 log.error("checkpoint %s is corrupt (%s); moved to %s", path, reason, moved)
-                self.store.add_unavailable(CorruptEntry(sid, checkpoint.peek_owner(data), str(moved), reason))
+                self.store.add_unavailable(CorruptEntry(sid, checkpoint.peek_owner(data, sid), moved, reason))
                 bad += 1
                 continue
             self.store.add_restored(sess)
             loaded += 1
+        self.metrics.unloaded_checkpoints.set(bad)
         return loaded, bad

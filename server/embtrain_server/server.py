@@ -94,19 +94,26 @@ class RunningServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: NOT_SERVING, finish in-flight batches, checkpoint every session, close."""
+    async def stop(self, grace: float | None = None) -> int:
+        """Graceful stop: NOT_SERVING, finish in-flight batches, checkpoint every session, close. Returns how many
+        sessions could not be saved."""
         grace = self.config.drain_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.servicer.draining.set()
         if self._periodic is not None:
             self._periodic.cancel()
         await self.server.stop(grace)
+        failed = 0
         if self.checkpointer.enabled:
-            saved = await self.checkpointer.save_all(self.scheduler)
-            log.info("checkpointed %d session(s)", saved)
+            saved, failed = await self.checkpointer.save_all(self.scheduler)
+            if failed:
+                log.error("checkpointed %d session(s); %d could not be saved and will restart from their last "
+                          "checkpoint", saved, failed)
+            else:
+                log.info("checkpointed %d session(s)", saved)
         self.scheduler.shutdown()
         self.metrics.stop()
+        return failed
 
 
 async def start(config: ServerConfig) -> RunningServer:
@@ -119,6 +126,7 @@ async def start(config: ServerConfig) -> RunningServer:
     metrics = Metrics(device)
     store = SessionStore(device, config.node_id, config.max_sessions_per_principal)
     checkpointer = Checkpointer(config, store, metrics)
+    checkpointer.check_state_dir()
     loaded, corrupt = checkpointer.restore_all(device)
     if loaded or corrupt:
         log.info("restored %d session(s) from %s (%d corrupt, moved aside)", loaded, config.state_dir, corrupt)
@@ -166,6 +174,6 @@ async def serve(config: ServerConfig, config_path: str | None = None) -> int:
              config_path or "built-in defaults", config.state_dir if config.persist else "(not persisted)")
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", config.drain_seconds)
-    await running.stop()
+    failed = await running.stop()
     log.info("embtrain-server stopped")
-    return 0
+    return 1 if failed else 0

@@ -23,9 +23,9 @@ from embtrain import codec, wire
 from embtrain.structs import struct_to_dict, value_to_python
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import compute, devices, losses, optim, training, validation
+from . import compute, devices, losses, optim, steps, training, validation
 from .config import ServerConfig
-from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, invalid, is_out_of_memory
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, invalid, is_out_of_memory
 from .losses.base import Loss
 from .metrics import Metrics
 from .persistence import Checkpointer
@@ -48,11 +48,19 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+# Tensors viewed in the request bytes start wherever the framing put them. Kernels take different code paths (and
+# summation orders) for differently aligned data, so a view that is not aligned like a fresh allocation is copied:
+# the same batch gives the same bits whatever the length of the fields before it.
+ALIGNMENT = 64
+
+
 def decode_inputs(inputs: Mapping[str, Any], prefix: str = "inputs") -> dict[str, torch.Tensor]:
+    """Tensor fields -> CPU tensors (views of the request bytes where they are aligned, aligned copies otherwise)."""
     out = {}
     for name in sorted(inputs):
         try:
-            out[name] = codec.decode_torch(inputs[name], f"{prefix}.{name}")
+            t = codec.decode_torch(inputs[name], f"{prefix}.{name}")
+            out[name] = t.clone() if t.numel() and t.data_ptr() % ALIGNMENT else t
         except codec.TensorError as exc:
             raise InvalidArgument(str(exc), field=exc.field) from None
         except RuntimeError:  # a zero-size shape whose other dimensions overflow torch's size arithmetic
@@ -114,30 +122,58 @@ class Service:
         request_id = req.request_id or uuid.uuid4().hex
         options = self.options(req)
         session = self.session_for(req, principal)
-        raw = decode_inputs(req.inputs)
-        if session is not None:
-            loss_cls = session.loss_cls
-            inputs = validation.check_compute(loss_cls, raw, self.limits, session)
-        else:
-            if not req.loss.name:
-                raise invalid("loss.name", "expected a loss name (see ListLosses)")
-            loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
-            loss_cls = type(loss)
-            inputs = validation.check_compute(loss_cls, raw, self.limits)
-            loss.check_inputs(inputs)
+        step = req.step if req.HasField("step") else None
+        if session is None:
+            if step is not None:
+                raise invalid("step", "only session batches have steps; leave it unset for a stateless batch")
+            return self.compute_stateless(req, request_id, options)
+        fingerprint = None if step is None else steps.digest(req.inputs, options)
+        kept = steps.admit(step, session.step, session.last, fingerprint)
+        if kept is not None:
+            return kept.response(request_id)
+        inputs = validation.check_compute(session.loss_cls, decode_inputs(req.inputs), self.limits, session)
         started = time.perf_counter()
         with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
-            if session is not None:
-                result = training.step(session, inputs, options, self.config.compute_dtype)
-            else:
-                self.prepare_stateless(loss, inputs)
-                result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
-                                     options=options)
-        self.metrics.observe_compute(loss_cls.name, time.perf_counter() - started, result.n, result.stats,
+            pending = training.prepare(session, inputs, options, self.config.compute_dtype)
+            try:
+                answer = self.encode_checked(request_id, pending.result, session.step + 1)
+            except BaseException:
+                pending.abandon()
+                raise
+            pending.commit()
+        session.last = steps.Answer(session.step, fingerprint, result=pending.result)
+        self.observe(session.spec.loss, started, pending.result)
+        self.checkpointer.after_step(session)
+        return answer
+
+    def compute_stateless(self, req: pb.ComputeRequest | wire.WireRequest, request_id: str,
+                          options: compute.ComputeOptions) -> bytes:
+        if not req.loss.name:
+            raise invalid("loss.name", "expected a loss name (see ListLosses)")
+        loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
+        inputs = validation.check_compute(type(loss), decode_inputs(req.inputs), self.limits)
+        loss.check_inputs(inputs)
+        started = time.perf_counter()
+        with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
+            self.prepare_stateless(loss, inputs)
+            result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
+                                 options=options)
+        self.observe(loss.name, started, result)
+        return self.encode_checked(request_id, result, 0)
+
+    def observe(self, loss: str, started: float, result: compute.ComputeResult) -> None:
+        self.metrics.observe_compute(loss, time.perf_counter() - started, result.n, result.stats,
                                      result.triplets_total)
-        if session is not None:
-            self.checkpointer.after_step(session)
-        return encode_result(request_id, result, session.step if session is not None else 0)
+
+    def encode_checked(self, request_id: str, result: compute.ComputeResult, step: int) -> bytes:
+        """The answer's bytes, refused (before anything is applied) when gRPC could not send them."""
+        answer = steps.encode_result(request_id, result, step)
+        if len(answer) > self.config.max_message_bytes:
+            raise ResourceExhausted(
+                f"options.max_triplets: the answer would take {len(answer)} bytes, over the server's "
+                f"max_message_bytes ({self.config.max_message_bytes}); ask for fewer triplets (options.max_triplets) "
+                "or send smaller batches; nothing was applied", field="options.max_triplets")
+        return answer
 
     def prepare_stateless(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
         """Stateful losses used without a session get fresh state (seed 0) unless the request carries it."""
@@ -173,8 +209,13 @@ class Service:
                 validation.require_finite(t, f"config.initial_state.{name}")
         losses.get(spec.loss)(spec.params).check_initial_state(initial)
         session = self.store.create(spec, principal, initial)
+        try:
+            self.checkpointer.save(session)
+        except OSError:
+            self.store.remove(session.id, principal)
+            raise Unavailable("the server could not write the new session's checkpoint (its log says why); no "
+                              "session was created; retry later or on another replica") from None
         self.metrics.open_sessions.set(len(self.store))
-        self.checkpointer.try_save(session)
         return pb.CreateSessionResponse(session=self.session_info(session))
 
     def session_info(self, s: Session) -> pb.SessionInfo:
@@ -204,8 +245,8 @@ class Service:
         mine, corrupt = self.store.list(principal)
         resp = pb.ListSessionsResponse(sessions=[self.session_info(s) for s in mine])
         for c in corrupt:
-            where = "moved to" if c.status == "corrupt" else "kept at"
-            resp.sessions.add(session_id=c.id, status=c.status, status_message=f"{c.reason}; {where} {c.path}",
+            where = "moved aside by the server" if c.status == "corrupt" else "kept by the server"
+            resp.sessions.add(session_id=c.id, status=c.status, status_message=f"{c.reason}; {where}",
                               last_checkpoint_step=-1)
         return resp
 
@@ -245,14 +286,3 @@ class Service:
 
     def list_losses(self, req: pb.ListLossesRequest, principal: str) -> pb.ListLossesResponse:
         return pb.ListLossesResponse(losses=[loss_info(cls) for cls in losses.all_losses()])
-
-
-def encode_result(request_id: str, r: compute.ComputeResult, step: int) -> bytes:
-    """The ComputeResponse's bytes: the small fields through protobuf, the tensors framed by hand (one copy)."""
-    head = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step)
-    if r.triplets is not None:
-        head.triplets_truncated = r.triplets_total > r.triplets.shape[0]
-    for k, v in r.stats.items():
-        head.stats[k] = v
-    return wire.encode_compute_response(head, r.gradients, {"triplets": r.triplets, "per_item_losses": r.per_item,
-                                                            "triplet_ids": r.triplet_ids})

@@ -23,6 +23,7 @@ from embtrain.heads import HeadSpecError, normalize_spec
 from . import losses, optim
 from .errors import InvalidArgument, NotFound, ResourceExhausted, invalid
 from .memory import SCHEMA as MEMORY_SCHEMA
+from .steps import Answer
 from .training import TrainState
 
 _SEED_BITS = 2**62
@@ -86,6 +87,7 @@ class Session:
     step: int = 0
     created_time: float = field(default_factory=time.time)
     state: TrainState | None = None
+    last: Answer | None = None  # the answer of the last applied step, for a resend (see ``steps``)
     last_checkpoint_step: int = -1
     last_checkpoint_time: float = 0.0
     steps_since_checkpoint: int = 0
@@ -107,7 +109,9 @@ class Session:
 
 @dataclass
 class CorruptEntry:
-    """A checkpoint that did not load: ``corrupt`` (moved aside) or ``unavailable`` (kept; e.g. a missing extra)."""
+    """A checkpoint that did not load: ``corrupt`` (moved aside) or ``unavailable`` (kept; e.g. a missing extra).
+    It is shown to its owner only (never with a path); one whose owner cannot be read is for the operator (the log
+    and ``embtrain_unloaded_checkpoints``)."""
 
     id: str
     owner: str | None
@@ -155,12 +159,12 @@ class SessionStore:
 
     def _visible_corrupt(self, session_id: str, owner: str) -> bool:
         c = self._corrupt.get(session_id)
-        return c is not None and c.owner in (None, owner)
+        return c is not None and c.owner == owner
 
     def list(self, owner: str) -> tuple[list[Session], list[CorruptEntry]]:
         with self._lock:
             mine = [s for s in self._sessions.values() if s.owner == owner]
-            bad = [c for c in self._corrupt.values() if c.owner in (None, owner)]
+            bad = [c for c in self._corrupt.values() if c.owner == owner]
         return sorted(mine, key=lambda s: s.created_time), bad
 
     def all(self) -> list[Session]:

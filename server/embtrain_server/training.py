@@ -5,13 +5,15 @@ memory, dropout generator), built by ``build`` when the first batch fixes the em
 function of (configuration, seed, initial state, width): initialisation runs on the CPU under generators seeded
 from the session seed, so a retried or restored session builds the same state.
 
-``step`` runs one batch and applies it: forward and backward (the compute layer), optimiser step, the loss's own
-state update and the memory enqueue; it returns only what goes on the wire. Everything that can reject the batch
-runs before the first change, so a rejected batch leaves the state as it was.
+``prepare`` runs one batch without applying it (forward and backward in the compute layer, and every allocation the
+commit needs); ``Pending.commit`` applies it: optimiser step, the loss's own state update and the memory enqueue,
+all of it or none (a failure half-way restores the state bit for bit). ``step`` is both; what it returns is only
+what goes on the wire.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -104,10 +106,72 @@ def _as_loss_sees_them(ts: TrainState, inputs: dict[str, torch.Tensor]) -> dict[
     return {**inputs, "embeddings": stand_in}
 
 
-def step(session: Session, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions,
-         compute_dtype: str) -> compute.ComputeResult:
-    """Run one validated batch on ``session`` and apply it; step += 1. A first batch builds the state, which
-    the session keeps only if the batch is applied."""
+@dataclass
+class Pending:
+    """A batch computed on a session and not yet applied: ``result`` is its answer; ``commit`` applies it, and
+    ``abandon`` (or dropping it) leaves the session exactly as it was."""
+
+    session: Session
+    state: TrainState
+    result: compute.ComputeResult
+    _pass: compute.Pass
+    _inputs: dict[str, torch.Tensor]
+    _rng: torch.Tensor  # the dropout generator's state before the batch
+    _dtype: str
+
+    def abandon(self) -> None:
+        self.state.generator.set_state(self._rng)  # a batch not applied must not have consumed dropout randomness
+
+    def commit(self) -> None:
+        """Optimiser step, the loss's own state update, memory enqueue, step += 1: all of it or (on any failure,
+        the state restored bit for bit and the error raised) none of it."""
+        ts, p, session = self.state, self._pass, self.session
+        saved = _Snapshot(ts)
+        try:
+            if ts.optimizer is not None and ts.optimizer_spec is not None:
+                optim.apply_step(ts.optimizer_spec, ts.optimizer, p.param_grads, session.step)
+            with torch.no_grad():
+                ts.loss.update(p.loss_inputs, p.output, p.ctx)
+            if ts.memory is not None:
+                ts.memory.enqueue(p.loss_inputs["embeddings"], self._inputs["labels"], self._inputs.get(IDS_INPUT))
+        except BaseException:
+            saved.restore()
+            self.abandon()
+            raise
+        ts.dtype = self._dtype
+        session.state = ts
+        session.step += 1
+        session.steps_since_checkpoint += 1
+
+
+class _Snapshot:
+    """Copies of what a commit changes in place (trainable parameters, optimiser state, loss state, the memory's
+    position), to put back if the commit fails half-way (an allocation failure in the optimiser, say)."""
+
+    def __init__(self, ts: TrainState) -> None:
+        self.ts = ts
+        self.params = [p.detach().clone() for p in ts.trainable]
+        self.optimizer = copy.deepcopy(ts.optimizer.state_dict()) if ts.optimizer is not None else None
+        self.loss = {k: v.detach().clone() for k, v in ts.loss.state_tensors().items()}
+        self.memory = ts.memory.position() if ts.memory is not None else None
+
+    def restore(self) -> None:
+        ts = self.ts
+        with torch.no_grad():
+            for p, v in zip(ts.trainable, self.params):
+                p.copy_(v)
+            for name, t in ts.loss.state_tensors().items():
+                t.copy_(self.loss[name])
+        if ts.optimizer is not None and self.optimizer is not None:
+            ts.optimizer.load_state_dict(self.optimizer)
+        if ts.memory is not None and self.memory is not None:
+            ts.memory.set_position(*self.memory)
+
+
+def prepare(session: Session, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions,
+            compute_dtype: str) -> Pending:
+    """Run one validated batch on ``session`` without applying it. A first batch builds the state, which the
+    session keeps only if the batch is committed. Every allocation the commit needs happens here."""
     emb = inputs["embeddings"]
     ts = session.state if session.state is not None else build(session.spec, session.initial_state,
                                                                int(emb.shape[1]), session.device)
@@ -122,21 +186,20 @@ def step(session: Session, inputs: dict[str, torch.Tensor], options: compute.Com
             ts.loss, inputs, device=session.device, compute_dtype=dtype, options=options, head=ts.head,
             memory=ts.memory.view() if ts.memory is not None and ts.memory.fill else None, trainable=ts.trainable,
             training=True, state_optimized_externally=ts.state_external)
+        if ts.memory is not None:
+            ts.memory.reserve(p.loss_inputs["embeddings"].dtype)
     except BaseException:
-        ts.generator.set_state(rng)  # a rejected batch must not have consumed dropout randomness
+        ts.generator.set_state(rng)
         raise
-    # ---- commit: nothing below rejects the batch ----
-    ts.dtype = dtype
-    if ts.optimizer is not None and ts.optimizer_spec is not None:
-        optim.apply_step(ts.optimizer_spec, ts.optimizer, p.param_grads, session.step)
-    with torch.no_grad():
-        ts.loss.update(p.loss_inputs, p.output, p.ctx)
-    if ts.memory is not None:
-        ts.memory.enqueue(p.loss_inputs["embeddings"], inputs["labels"], inputs.get(IDS_INPUT))
-    session.state = ts
-    session.step += 1
-    session.steps_since_checkpoint += 1
-    return p.result
+    return Pending(session, ts, p.result, p, inputs, rng, dtype)
+
+
+def step(session: Session, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions,
+         compute_dtype: str) -> compute.ComputeResult:
+    """Run one validated batch on ``session`` and apply it (``prepare`` then ``commit``); step += 1."""
+    pending = prepare(session, inputs, options, compute_dtype)
+    pending.commit()
+    return pending.result
 
 
 def embed(session: Session, x: torch.Tensor) -> torch.Tensor:

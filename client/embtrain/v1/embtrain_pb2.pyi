@@ -65,7 +65,7 @@ class ReturnOptions(_message.Message):
     def __init__(self, gradient: _Optional[bool] = ..., triplets: _Optional[bool] = ..., max_triplets: _Optional[int] = ..., per_item_losses: _Optional[bool] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "loss", "inputs", "options")
+    __slots__ = ("request_id", "session_id", "loss", "inputs", "options", "step")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,12 +78,14 @@ class ComputeRequest(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     loss: LossSpec
     inputs: _containers.MessageMap[str, Tensor]
     options: ReturnOptions
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., options: _Optional[_Union[ReturnOptions, _Mapping]] = ...) -> None: ...
+    step: int
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., options: _Optional[_Union[ReturnOptions, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("request_id", "loss", "gradients", "triplets", "triplets_total", "triplets_truncated", "per_item_losses", "stats", "step", "error", "triplet_ids")
