@@ -9,8 +9,9 @@
 server's gradient, and ``load_head``.
 """
 
-from ._client import Client, ComputeResult, ExportedModel, LossInfo, Session, SessionInfo
+from ._client import Client, ComputeResult, ExportedModel, LossInfo, Member, Session, SessionInfo
 from .errors import (
+    Aborted,
     DeadlineExceeded,
     EmbtrainError,
     FailedPrecondition,
@@ -26,7 +27,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "ComputeResult", "DeadlineExceeded", "EmbtrainError", "ExportedModel", "FailedPrecondition",
-    "FieldViolation", "InvalidArgument", "LossInfo", "NotFound", "PermissionDenied", "ResourceExhausted", "Session",
+    "Aborted", "Client", "ComputeResult", "DeadlineExceeded", "EmbtrainError", "ExportedModel", "FailedPrecondition",
+    "FieldViolation", "InvalidArgument", "LossInfo", "Member", "NotFound", "PermissionDenied", "ResourceExhausted", "Session",
     "SessionInfo", "Unauthenticated", "Unavailable",
 ]

@@ -48,6 +48,7 @@ class ComputeResult:
     step: int = 0
     request_id: str = ""
     error: EmbtrainError | None = None
+    row_offset: int = 0  # group steps: the global index of this member's first row
 
     @property
     def gradient(self) -> Any:
@@ -113,6 +114,9 @@ def _session_info(p: pb.SessionInfo) -> SessionInfo:
         cfg["memory"] = struct_to_dict(c.memory)
     if c.HasField("seed"):
         cfg["seed"] = int(c.seed)
+    if c.HasField("group_size"):
+        cfg["group_size"] = int(c.group_size)
+        cfg["group_timeout"] = float(c.group_timeout)
     return SessionInfo(
         session_id=p.session_id, loss=c.loss.name, params=cfg["loss"]["params"], step=p.step,
         parameter_count=p.parameter_count, memory_fill=p.memory_fill, memory_size=p.memory_size,
@@ -210,7 +214,7 @@ def _result(data: bytes, decoder: Callable[[str], _Decoder]) -> ComputeResult:
         gradients=grads,
         triplets=out["triplets"], triplets_total=resp.triplets_total, triplets_truncated=resp.triplets_truncated,
         triplet_ids=out["triplet_ids"], per_item_losses=out["per_item_losses"],
-        stats=dict(resp.stats), step=resp.step, request_id=resp.request_id)
+        stats=dict(resp.stats), step=resp.step, request_id=resp.request_id, row_offset=resp.row_offset)
 
 
 class _Stubs:
@@ -333,7 +337,8 @@ class Client:
     # ---- compute -----------------------------------------------------------------------------------------
     def _request(self, embeddings: Any, labels: Any, inputs: Mapping[str, Any], *, loss: str | None,
                  params: Mapping[str, Any] | None, session_id: str | None, gradient: bool, triplets: bool,
-                 max_triplets: int, per_item_losses: bool, step: int | None = None) -> tuple[str, bytes]:
+                 max_triplets: int, per_item_losses: bool, step: int | None = None,
+                 rank: int | None = None) -> tuple[str, bytes]:
         """(request id, the ComputeRequest's bytes), tensors framed by hand: one copy of each."""
         req = pb.ComputeRequest(request_id=uuid.uuid4().hex)
         if session_id is not None:
@@ -342,8 +347,13 @@ class Client:
                 if isinstance(step, bool) or not isinstance(step, int) or step < 1:
                     raise invalid_argument("step", f"expected an integer >= 1, got {step!r}")
                 req.step = step
-        elif step is not None:
-            raise invalid_argument("step", "only session batches have steps; leave it out for a stateless batch")
+            if rank is not None:
+                if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                    raise invalid_argument("rank", f"expected an integer >= 0, got {rank!r}")
+                req.rank = rank
+        elif step is not None or rank is not None:
+            raise invalid_argument("step" if step is not None else "rank", "only session batches have steps and "
+                                   "ranks; leave them out for a stateless batch")
         else:
             if not loss:
                 raise _no_loss()
@@ -367,7 +377,7 @@ class Client:
                 params: Mapping[str, Any] | None = None, session_id: str | None = None,
                 return_gradient: bool = True, return_triplets: bool = True, max_triplets: int = 0,
                 per_item_losses: bool = False, timeout: float | None = None, step: int | None = None,
-                **inputs: Any) -> ComputeResult:
+                rank: int | None = None, **inputs: Any) -> ComputeResult:
         """One batch. Other named inputs are keyword arguments (``gt_distances=``, ``triplets=``, ``centers=``,
         ``ids=``, or a torch loss's own inputs such as ``input=``, ``target=``).
 
@@ -377,7 +387,7 @@ class Client:
         the SDK resends it by itself, up to ``Client(retries=...)`` times."""
         _, req = self._request(embeddings, labels, inputs, loss=loss, params=params, session_id=session_id,
                                gradient=return_gradient, triplets=return_triplets, max_triplets=max_triplets,
-                               per_item_losses=per_item_losses, step=step)
+                               per_item_losses=per_item_losses, step=step, rank=rank)
         like = embeddings if embeddings is not None else next(iter(inputs.values()), None)
         dec = _Decoder(like)
         method = self._session_stubs(session_id).compute
@@ -394,7 +404,8 @@ class Client:
                        params: Mapping[str, Any] | None = None, session_id: str | None = None,
                        max_in_flight: int = 4, return_gradient: bool = True, return_triplets: bool = True,
                        max_triplets: int = 0, per_item_losses: bool = False,
-                       timeout: float | None = None, first_step: int | None = None) -> Iterator[ComputeResult]:
+                       timeout: float | None = None, first_step: int | None = None,
+                       rank: int | None = None) -> Iterator[ComputeResult]:
         """Stream batches (``(X, y)`` tuples or dicts of named inputs) and yield one result per batch, in order.
 
         At most ``max_in_flight`` batches are sent ahead of their answers. A batch the server rejects comes back
@@ -430,7 +441,8 @@ class Client:
                                                     session_id=session_id, gradient=return_gradient,
                                                     triplets=return_triplets, max_triplets=max_triplets,
                                                     per_item_losses=per_item_losses,
-                                                    step=None if first_step is None else first_step + index)
+                                                    step=None if first_step is None else first_step + index,
+                                                    rank=rank)
                     decoders[request_id] = _Decoder(emb)
                     while not window.acquire(timeout=0.1):
                         if stop.is_set():
@@ -460,7 +472,11 @@ class Client:
     # ---- sessions ----------------------------------------------------------------------------------------
     def create_session(self, loss: str, params: Mapping[str, Any] | None = None, *, head: Any = None,
                        optimizer: Mapping[str, Any] | None = None, memory: Mapping[str, Any] | None = None,
-                       seed: int | None = None, initial_state: Mapping[str, Any] | None = None) -> Session:
+                       seed: int | None = None, initial_state: Mapping[str, Any] | None = None,
+                       group_size: int | None = None, group_timeout: float | None = None) -> Session:
+        """A server-side session. ``group_size=W``: W members (``session.member(rank)``) each send their slice of
+        every step, and the server computes the step on the slices concatenated in rank order; a step waits at most
+        ``group_timeout`` seconds (default 60) for all of them, then aborts (``embtrain.Aborted``)."""
         cfg = pb.SessionConfig()
         cfg.loss.name = loss
         cfg.loss.params.CopyFrom(_struct(params))
@@ -472,6 +488,10 @@ class Client:
             cfg.memory.CopyFrom(_struct(memory))
         if seed is not None:
             cfg.seed = seed
+        if group_size is not None:
+            cfg.group_size = group_size
+        if group_timeout is not None:
+            cfg.group_timeout = group_timeout
         for name, value in (initial_state or {}).items():
             try:
                 cfg.initial_state[name].CopyFrom(codec.encode(value, f"initial_state.{name}"))
@@ -507,6 +527,12 @@ class Session:
 
     def stream(self, batches: Iterable[Any], **kwargs: Any) -> Iterator[ComputeResult]:
         return self.client.compute_stream(batches, session_id=self.id, **kwargs)
+
+    def member(self, rank: int) -> Member:
+        """Member ``rank`` of a group session: sends that rank's slice of each step."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise invalid_argument("rank", f"expected an integer >= 0, got {rank!r}")
+        return Member(self, rank)
 
     def embed(self, embeddings: Any, batch_size: int = 65536) -> Any:
         """The head's output for ``embeddings`` (no training), in batches of ``batch_size`` rows."""
@@ -549,6 +575,30 @@ class Session:
     def close(self, keep_checkpoint: bool = False) -> SessionInfo:
         req = pb.CloseSessionRequest(session_id=self.id, keep_checkpoint=keep_checkpoint)
         return _session_info(self.client._call(self._stub().CloseSession, req).session)
+
+
+class Member:
+    """One member of a group session (``Session.member(rank)``). Every slice names its step; the answer carries
+    the global loss and stats, this member's gradient rows, the triplets that touch its rows as global row indices
+    (``triplet_ids`` as dataset ids where ``ids`` were sent) and ``row_offset``, its first row's global index."""
+
+    def __init__(self, session: Session, rank: int) -> None:
+        self.session = session
+        self.rank = rank
+
+    def __repr__(self) -> str:
+        return f"Member({self.session.id!r}, rank={self.rank})"
+
+    def compute(self, embeddings: Any, labels: Any = None, *, step: int, **kwargs: Any) -> ComputeResult:
+        """This member's slice of ``step``; waits until every member's slice has arrived (or the step aborts)."""
+        kwargs.setdefault("timeout", None)  # the server bounds the wait (the session's group_timeout)
+        return self.session.client.compute(embeddings, labels, session_id=self.session.id, step=step,
+                                           rank=self.rank, **kwargs)
+
+    def stream(self, batches: Iterable[Any], *, first_step: int, **kwargs: Any) -> Iterator[ComputeResult]:
+        """This member's slices of steps ``first_step``, ``first_step + 1``, ... over one stream."""
+        return self.session.client.compute_stream(batches, session_id=self.session.id, first_step=first_step,
+                                                  rank=self.rank, **kwargs)
 
 
 def _pem(x: bytes | str | None) -> bytes | None:

@@ -63,6 +63,16 @@ class DeadlineExceeded(EmbtrainError):
     pass
 
 
+class Aborted(EmbtrainError):
+    """A group step that did not collect every member's slice within the session's ``group_timeout``: nothing was
+    applied. ``missing_ranks`` are the members that never sent theirs; resend the whole step."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = (),
+                 missing_ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(code, message, violations)
+        self.missing_ranks = list(missing_ranks)
+
+
 _BY_CODE: dict[grpc.StatusCode, type[EmbtrainError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -72,6 +82,7 @@ _BY_CODE: dict[grpc.StatusCode, type[EmbtrainError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.ABORTED: Aborted,
 }
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -91,29 +102,41 @@ def _violations(status: status_pb2.Status) -> tuple[FieldViolation, ...]:
     return tuple(out)
 
 
+def _missing_ranks(status: status_pb2.Status) -> tuple[int, ...]:
+    """The ranks an aborted group step lacked (``google.rpc.ErrorInfo`` metadata ``missing_ranks``)."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            text = info.metadata.get("missing_ranks", "")
+            return tuple(int(r) for r in text.split(",") if r.strip().isdigit())
+    return ()
+
+
 def invalid_argument(field: str, expected: str) -> InvalidArgument:
     """An ``InvalidArgument`` found by the SDK itself, shaped like the server's: the message starts with the field
     (``inputs.embeddings: expected a numeric array, ...``) and one violation names it with ``expected`` alone."""
     return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {expected}", (FieldViolation(field, expected),))
 
 
-def make_error(code: grpc.StatusCode, message: str, violations: tuple[FieldViolation, ...] = ()) -> EmbtrainError:
+def make_error(code: grpc.StatusCode, message: str, status: status_pb2.Status | None = None) -> EmbtrainError:
+    violations = _violations(status) if status is not None else ()
+    if code == grpc.StatusCode.ABORTED:
+        return Aborted(code, message, violations, _missing_ranks(status) if status is not None else ())
     return _BY_CODE.get(code, EmbtrainError)(code, message, violations)
 
 
 def from_status(status: status_pb2.Status) -> EmbtrainError:
     """An in-band error (a stream batch's ``error``) as an exception."""
-    code = status_code(status.code)
-    return make_error(code, status.message, _violations(status))
+    return make_error(status_code(status.code), status.message, status)
 
 
 def from_rpc_error(err: grpc.RpcError) -> EmbtrainError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
-    violations: tuple[FieldViolation, ...] = ()
+    status = None
     for key, value in (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status()
             status.ParseFromString(value)
-            violations = _violations(status)
-    return make_error(code, message or "", violations)
+    return make_error(code, message or "", status)

@@ -160,8 +160,11 @@ def session_to_checkpoint(sess: Session) -> tuple[dict[str, Any], dict[str, torc
         "dtype": ts.dtype if ts is not None else None, "saved_time": time.time(),
     }
     if sess.last is not None:
-        record["answer"] = {"step": sess.last.step, "digest": sess.last.digest.hex() if sess.last.digest else None}
-        tensors["answer.bytes"] = torch.frombuffer(bytearray(sess.last.body()), dtype=torch.uint8)
+        record["answer"] = {"step": sess.last.step, "parts": {
+            str(rank): {"digest": part.digest.hex() if part.digest else None, "row_offset": part.row_offset}
+            for rank, part in sess.last.parts.items()}}
+        for rank, part in sess.last.parts.items():
+            tensors[f"answer.{rank}"] = torch.frombuffer(bytearray(part.body(sess.last.step)), dtype=torch.uint8)
     if ts is None:
         return record, tensors
     if ts.head is not None:
@@ -202,8 +205,10 @@ def session_from_checkpoint(record: Mapping[str, Any], tensors: Mapping[str, tor
     sess.last_checkpoint_time = float(record.get("saved_time", 0.0))
     if record.get("answer") is not None:
         kept = record["answer"]
-        sess.last = steps.Answer(int(kept["step"]), bytes.fromhex(kept["digest"]) if kept["digest"] else None,
-                                 encoded=tensors["answer.bytes"].numpy().tobytes())
+        sess.last = steps.Answer(int(kept["step"]), {
+            int(rank): steps.Part(bytes.fromhex(p["digest"]) if p["digest"] else None,
+                                  encoded=tensors[f"answer.{rank}"].numpy().tobytes(), row_offset=int(p["row_offset"]))
+            for rank, p in kept["parts"].items()})
     if record.get("in_dim") is None:
         return sess
     ts = training.build(spec, sess.initial_state, int(record["in_dim"]), device, optimizer=False)

@@ -42,6 +42,16 @@ class Unavailable(ServiceError):
     code_name = "UNAVAILABLE"
 
 
+class Aborted(ServiceError):
+    """A group step that did not collect all of its slices in time; ``missing_ranks`` never sent theirs."""
+
+    code_name = "ABORTED"
+
+    def __init__(self, message: str, missing_ranks: list[int]) -> None:
+        super().__init__(message)
+        self.missing_ranks = list(missing_ranks)
+
+
 def invalid(field: str, expected: str) -> InvalidArgument:
     """``InvalidArgument`` whose message starts with the field: ``inputs.labels: length 31, expected 32``."""
     return InvalidArgument(f"{field}: {expected}", field=field)

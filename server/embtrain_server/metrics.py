@@ -58,6 +58,13 @@ class Metrics:
         self.worker_calls = Gauge("embtrain_worker_calls", "Calls handed to the worker threads and not finished "
                                   "(queued or running)", registry=r)
         self.checkpoints = Counter("embtrain_checkpoints", "Checkpoint writes, by result", ["result"], registry=r)
+        self.group_slices = Counter("embtrain_group_slices", "Slices of group steps received", registry=r)
+        self.group_steps = Counter("embtrain_group_steps", "Group steps by outcome (committed, aborted, failed)",
+                                   ["result"], registry=r)
+        for result in ("committed", "aborted", "failed"):
+            self.group_steps.labels(result)
+        self.group_wait_seconds = Histogram("embtrain_group_wait_seconds", "How long the first slice of a group "
+                                            "step waited for the last", buckets=_LATENCY, registry=r)
         self.unloaded_checkpoints = Gauge("embtrain_unloaded_checkpoints", "Checkpoints in state_dir that did not "
                                           "load at start (corrupt, or needing a missing extra); the log says which",
                                           registry=r)

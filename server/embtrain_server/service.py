@@ -23,7 +23,7 @@ from embtrain import codec, wire
 from embtrain.structs import struct_to_dict, value_to_python
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import compute, devices, losses, optim, steps, training, validation
+from . import compute, devices, groups, losses, optim, steps, training, validation
 from .config import ServerConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, invalid, is_out_of_memory
 from .losses.base import Loss
@@ -116,35 +116,78 @@ class Service:
         return None
 
     def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str) -> bytes:
-        """One batch -> the ComputeResponse's bytes. ``req`` is a parsed message or, on the server's fast path,
-        a ``WireRequest`` whose tensors view the received bytes. A session batch runs under the session's order
-        (the caller's scheduler)."""
+        """One batch that is a whole step (stateless, or a session of group size 1) -> the ComputeResponse's
+        bytes. ``req`` is a parsed message or, on the server's fast path, a ``WireRequest`` whose tensors view the
+        received bytes. A session batch runs under the session's order (the caller's scheduler)."""
+        session = self.session_for(req, principal)
+        if session is None:
+            return self.compute_stateless(req, req.request_id or uuid.uuid4().hex, self.options(req))
+        part = self.slice_of(req, session)
+        if isinstance(part, bytes):
+            return part
+        return self.commit_step(session, [part])[part.rank]
+
+    def slice_of(self, req: pb.ComputeRequest | wire.WireRequest, session: Session) -> bytes | groups.Slice:
+        """A session batch checked as one member's slice of a step: the kept answer's bytes for a resend of the
+        last applied step, or the validated slice."""
         request_id = req.request_id or uuid.uuid4().hex
         options = self.options(req)
-        session = self.session_for(req, principal)
+        size = session.spec.group_size
         step = req.step if req.HasField("step") else None
-        if session is None:
-            if step is not None:
-                raise invalid("step", "only session batches have steps; leave it unset for a stateless batch")
-            return self.compute_stateless(req, request_id, options)
+        rank = req.rank if req.HasField("rank") else None
+        if size > 1:
+            if rank is None or not 0 <= rank < size:
+                raise invalid("rank", f"expected 0 <= rank < {size} (the session's group_size), got "
+                              f"{'none' if rank is None else rank}")
+            if step is None:
+                raise invalid("step", "required in a group session: every slice names the step it belongs to")
+        elif rank not in (None, 0):
+            raise invalid("rank", f"expected 0 or unset: the session's group_size is 1, got {rank}")
+        rank = rank or 0
         fingerprint = None if step is None else steps.digest(req.inputs, options)
-        kept = steps.admit(step, session.step, session.last, fingerprint)
+        kept = steps.admit(step, rank, session.step, session.last, fingerprint)
         if kept is not None:
-            return kept.response(request_id)
-        inputs = validation.check_compute(session.loss_cls, decode_inputs(req.inputs), self.limits, session)
+            return kept.response(request_id, session.step)
+        raw = decode_inputs(req.inputs)
+        if size > 1:
+            groups.check_per_row(session.loss_cls, raw)
+        inputs = validation.check_compute(session.loss_cls, raw, self.limits, session, min_rows=0 if size > 1 else 1)
+        return groups.Slice(rank=rank, step=session.step + 1 if step is None else step, request_id=request_id,
+                            inputs=inputs, digest=fingerprint, options=options)
+
+    def check_slices(self, session: Session, slices: list[groups.Slice]) -> None:
+        """Before a member waits: the device memory of the step so far (its slices together) fits the budget."""
+        rows = sum(s.rows for s in slices)
+        emb = slices[0].inputs["embeddings"]
+        memory = session.state.memory if session.state is not None else None
+        validation.require_budget_rows(session.loss_cls, rows, int(emb.shape[1]), emb.element_size(),
+                                       rows + (memory.fill if memory is not None else 0), self.limits.memory_budget)
+
+    def commit_step(self, session: Session, slices: list[groups.Slice]) -> dict[int, bytes]:
+        """Compute a step on its slices concatenated in rank order and apply it, entirely or not at all; each
+        member's answer by rank. Runs under the session's order."""
+        step = slices[0].step
+        if step != session.step + 1:  # a step committed or aborted while this one was collected
+            raise FailedPrecondition(f"step: expected {session.step + 1}, got {step}", field="step")
+        options = groups.common_options(slices)
+        inputs, offsets = groups.concatenate(slices)
+        validation.check_step(session, inputs, self.limits)
         started = time.perf_counter()
-        with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
+        with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this step"):
             pending = training.prepare(session, inputs, options, self.config.compute_dtype)
             try:
-                answer = self.encode_checked(request_id, pending.result, session.step + 1)
+                results = groups.split(pending.result, slices, offsets)
+                answers = {s.rank: self.encode_checked(s.request_id, results[s.rank], step, offsets[s.rank])
+                           for s in slices}
             except BaseException:
                 pending.abandon()
                 raise
             pending.commit()
-        session.last = steps.Answer(session.step, fingerprint, result=pending.result)
+        session.last = steps.Answer(step, {s.rank: steps.Part(s.digest, results[s.rank], row_offset=offsets[s.rank])
+                                           for s in slices})
         self.observe(session.spec.loss, started, pending.result)
         self.checkpointer.after_step(session)
-        return answer
+        return answers
 
     def compute_stateless(self, req: pb.ComputeRequest | wire.WireRequest, request_id: str,
                           options: compute.ComputeOptions) -> bytes:
@@ -165,9 +208,9 @@ class Service:
         self.metrics.observe_compute(loss, time.perf_counter() - started, result.n, result.stats,
                                      result.triplets_total)
 
-    def encode_checked(self, request_id: str, result: compute.ComputeResult, step: int) -> bytes:
+    def encode_checked(self, request_id: str, result: compute.ComputeResult, step: int, row_offset: int = 0) -> bytes:
         """The answer's bytes, refused (before anything is applied) when gRPC could not send them."""
-        answer = steps.encode_result(request_id, result, step)
+        answer = steps.encode_result(request_id, result, step, row_offset)
         if len(answer) > self.config.max_message_bytes:
             raise ResourceExhausted(
                 f"options.max_triplets: the answer would take {len(answer)} bytes, over the server's "
@@ -202,7 +245,9 @@ class Service:
                           value_to_python(c.head) if c.HasField("head") else None,
                           struct_to_dict(c.optimizer) if c.HasField("optimizer") else None,
                           struct_to_dict(c.memory) if c.HasField("memory") else None,
-                          c.seed if c.HasField("seed") else None)
+                          c.seed if c.HasField("seed") else None,
+                          c.group_size if c.HasField("group_size") else None,
+                          c.group_timeout if c.HasField("group_timeout") else None)
         initial = decode_inputs(c.initial_state, "config.initial_state")
         for name, t in initial.items():
             if t.is_floating_point():
@@ -234,6 +279,8 @@ class Service:
             info.config.optimizer.update(_jsonable(s.spec.optimizer))
         info.config.memory.update({"size": s.spec.memory_size})
         info.config.seed = s.spec.seed
+        info.config.group_size = s.spec.group_size
+        info.config.group_timeout = s.spec.group_timeout
         if ts is not None and ts.optimizer_spec is not None:
             info.optimizer_state.update(_jsonable(optim.summary(ts.optimizer_spec, ts.optimizer, s.step)))
         return info

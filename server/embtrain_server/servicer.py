@@ -10,9 +10,10 @@ Python exception in the text): ``add_to_server`` registers every method with a p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from .groups import GroupSteps
 from .identity import current_principal
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -113,13 +115,21 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
     def __init__(self, service: Service, scheduler: Scheduler, config: ServerConfig, metrics: Metrics) -> None:
         self.service = service
         self.scheduler = scheduler
+        self.groups = GroupSteps(scheduler, metrics)
         self.config = config
         self.metrics = metrics
         self.draining = asyncio.Event()
         self.open_streams = 0
 
+    def on_worker(self, handler: Callable[[Any, str], Any]) -> Callable[..., Awaitable[Any]]:
+        """A service handler run by the scheduler (under the session's order when the request names one)."""
+        async def call(request: Any, principal: str, cancelled: Callable[[], bool]) -> Any:
+            return await self.scheduler.run(handler, request, principal, session_id=_session_id(request),
+                                            cancelled=cancelled)
+        return call
+
     async def unary(self, method: str, request: Any, context: grpc.aio.ServicerContext,
-                    handler: Callable[[Any, str], Any]) -> Any:
+                    call: Callable[[Any, str, Callable[[], bool]], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         code = "OK"
         self.metrics.received_bytes.labels(method).inc(request.ByteSize())
@@ -128,8 +138,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                 raise Unavailable(DRAINING_MESSAGE)
             if isinstance(request, Malformed):
                 raise request.error()
-            resp = await self.scheduler.run(handler, request, current_principal(), session_id=_session_id(request),
-                                            cancelled=context.cancelled)
+            resp = await call(request, current_principal(), context.cancelled)
             self.metrics.sent_bytes.labels(method).inc(_size(resp))
             return resp
         except ServiceError as err:
@@ -148,33 +157,47 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.metrics.requests.labels(method, code).inc()
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
 
+    async def compute(self, req: Any, principal: str, cancelled: Callable[[], bool] = lambda: False) -> bytes:
+        """One Compute batch: a whole step on a worker, or a member's slice of a group step, which waits for the
+        other members' slices (``groups``) without holding a worker."""
+        session = self.service.session_for(req, principal)
+        if session is None or session.spec.group_size == 1:
+            return await self.scheduler.run(self.service.compute, req, principal, session_id=_session_id(req),
+                                            cancelled=cancelled)
+        part = await self.scheduler.run(self.service.slice_of, req, session, session_id=session.id,
+                                        cancelled=cancelled)
+        if isinstance(part, bytes):  # the kept answer of the last step
+            return part
+        return await self.groups.submit(session, part, functools.partial(self.service.check_slices, session),
+                                        self.service.commit_step)
+
     # ---- RPCs --------------------------------------------------------------------------------------------
     async def Compute(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("Compute", request, context, self.service.compute)
+        return await self.unary("Compute", request, context, self.compute)
 
     async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("CreateSession", request, context, self.service.create_session)
+        return await self.unary("CreateSession", request, context, self.on_worker(self.service.create_session))
 
     async def GetSession(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("GetSession", request, context, self.service.get_session)
+        return await self.unary("GetSession", request, context, self.on_worker(self.service.get_session))
 
     async def ListSessions(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("ListSessions", request, context, self.service.list_sessions)
+        return await self.unary("ListSessions", request, context, self.on_worker(self.service.list_sessions))
 
     async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("CloseSession", request, context, self.service.close_session)
+        return await self.unary("CloseSession", request, context, self.on_worker(self.service.close_session))
 
     async def Embed(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("Embed", request, context, self.service.embed)
+        return await self.unary("Embed", request, context, self.on_worker(self.service.embed))
 
     async def ExportModel(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("ExportModel", request, context, self.service.export_model)
+        return await self.unary("ExportModel", request, context, self.on_worker(self.service.export_model))
 
     async def SaveCheckpoint(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("SaveCheckpoint", request, context, self.service.save_checkpoint)
+        return await self.unary("SaveCheckpoint", request, context, self.on_worker(self.service.save_checkpoint))
 
     async def ListLosses(self, request, context):  # type: ignore[no-untyped-def]
-        return await self.unary("ListLosses", request, context, self.service.list_losses)
+        return await self.unary("ListLosses", request, context, self.on_worker(self.service.list_losses))
 
     async def ComputeStream(self, request_iterator: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes | pb.ComputeResponse]:
@@ -201,9 +224,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                     try:
                         if isinstance(req, Malformed):
                             raise req.error()
-                        self.service.session_for(req, principal)
-                        resp = await self.scheduler.run(self.service.compute, req, principal,
-                                                        session_id=_session_id(req))
+                        resp = await self.compute(req, principal)
                     except NotFound as err:  # stream-level: the stream targets a session that is not there
                         self.metrics.requests.labels(method, err.code_name).inc()
                         await context.abort_with_status(to_grpc_status(err))

@@ -20,13 +20,16 @@ import torch
 
 from embtrain.heads import HeadSpecError, normalize_spec
 
-from . import losses, optim
+from . import groups, losses, optim
 from .errors import InvalidArgument, NotFound, ResourceExhausted, invalid
 from .memory import SCHEMA as MEMORY_SCHEMA
 from .steps import Answer
 from .training import TrainState
 
 _SEED_BITS = 2**62
+DEFAULT_GROUP_TIMEOUT = 60.0
+MAX_GROUP_SIZE = 1024
+MAX_GROUP_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -39,20 +42,26 @@ class SessionSpec:
     optimizer: dict[str, Any] | None  # as given; None: training.DEFAULT_OPTIMIZER for the head
     memory_size: int
     seed: int
+    group_size: int = 1  # members sending one slice each of every step (see ``groups``)
+    group_timeout: float = DEFAULT_GROUP_TIMEOUT  # seconds a step waits for its slices before it aborts
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "params": self.params, "head": self.head, "optimizer": self.optimizer,
-                "memory": {"size": self.memory_size}, "seed": self.seed}
+                "memory": {"size": self.memory_size}, "seed": self.seed,
+                "group": {"size": self.group_size, "timeout": self.group_timeout}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SessionSpec:
+        group = d.get("group", {"size": 1, "timeout": DEFAULT_GROUP_TIMEOUT})
         return cls(loss=d["loss"], params=dict(d["params"]), head=normalize_spec(d["head"], "head"),
                    optimizer=dict(d["optimizer"]) if d["optimizer"] else None,
-                   memory_size=int(d["memory"]["size"]), seed=int(d["seed"]))
+                   memory_size=int(d["memory"]["size"]), seed=int(d["seed"]), group_size=int(group["size"]),
+                   group_timeout=float(group["timeout"]))
 
 
 def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, optimizer: Mapping[str, Any] | None,
-               memory: Mapping[str, Any] | None, seed: int | None) -> SessionSpec:
+               memory: Mapping[str, Any] | None, seed: int | None, group_size: int | None = None,
+               group_timeout: float | None = None) -> SessionSpec:
     """Validate everything a session needs before any state exists. Raises ``InvalidArgument``."""
     cls = losses.get(loss_name, "config.loss.name")
     cls(params)  # validates the parameters
@@ -70,8 +79,17 @@ def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, opti
         seed = secrets.randbelow(_SEED_BITS)
     elif not 0 <= seed < 2**63:
         raise invalid("config.seed", f"expected 0 <= seed < 2^63, got {seed}")
+    group_size = 1 if group_size is None else group_size
+    if not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise invalid("config.group_size", f"expected 1 to {MAX_GROUP_SIZE} members, got {group_size}")
+    if group_size > 1:
+        groups.check_group_loss(cls)
+    group_timeout = DEFAULT_GROUP_TIMEOUT if group_timeout is None else group_timeout
+    if not 0 < group_timeout <= MAX_GROUP_TIMEOUT:
+        raise invalid("config.group_timeout", f"expected seconds in (0, {MAX_GROUP_TIMEOUT:.0f}], got {group_timeout}")
     return SessionSpec(loss=loss_name, params=dict(params or {}), head=head_spec,
-                       optimizer=dict(optimizer) if optimizer else None, memory_size=mem["size"], seed=seed)
+                       optimizer=dict(optimizer) if optimizer else None, memory_size=mem["size"], seed=seed,
+                       group_size=group_size, group_timeout=float(group_timeout))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from .errors import ServiceError
+from .errors import Aborted, ServiceError
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 MAX_MESSAGE_CHARS = 1024  # the message is sent twice (grpc-message and inside the details)
@@ -32,6 +32,12 @@ def to_status_proto(err: BaseException) -> status_pb2.Status:
         return status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
     message = _cut(err.message, MAX_MESSAGE_CHARS)
     status = status_pb2.Status(code=grpc_code(err).value[0], message=message)
+    if isinstance(err, Aborted):
+        info = error_details_pb2.ErrorInfo(reason="GROUP_STEP_ABORTED", domain="embtrain",
+                                           metadata={"missing_ranks": ",".join(map(str, err.missing_ranks))})
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status.details.append(detail)
     if err.violations:
         br = error_details_pb2.BadRequest()
         for field, desc in err.violations[:8]:

@@ -31,12 +31,12 @@ class Limits:
 
 
 def check_compute(cls: type[Loss], raw: Mapping[str, torch.Tensor], limits: Limits,
-                  session: Session | None = None) -> dict[str, torch.Tensor]:
+                  session: Session | None = None, min_rows: int = 1) -> dict[str, torch.Tensor]:
     """Every check of a Compute batch that needs no loss state: the inputs against the loss's declared inputs and
     the limits; for a session, its width, its memory's need for labels and the memory its state will take; the
     device-memory budget of the batch against every candidate (memory rows included). The loss's own checks follow
     (``Loss.check_inputs``; in a session once its state exists, as they may need it: island's K centres)."""
-    inputs = validate_inputs(cls, raw, max_batch_elements=limits.max_batch_elements)
+    inputs = validate_inputs(cls, raw, max_batch_elements=limits.max_batch_elements, min_rows=min_rows)
     emb = inputs.get("embeddings")
     if session is None:
         if emb is not None:
@@ -51,6 +51,19 @@ def check_compute(cls: type[Loss], raw: Mapping[str, torch.Tensor], limits: Limi
     memory = session.state.memory if session.state is not None else None
     require_budget(cls, emb, emb.shape[0] + (memory.fill if memory is not None else 0), limits.memory_budget)
     return inputs
+
+
+def check_step(session: Session, inputs: Mapping[str, torch.Tensor], limits: Limits) -> None:
+    """The whole step of a group session (its slices concatenated): rows, size and the device-memory budget."""
+    emb = inputs["embeddings"]
+    n, d = emb.shape
+    if n < 1:
+        raise invalid("inputs.embeddings", "the slices of this step hold no rows at all; expected n >= 1 in total")
+    if n * d > limits.max_batch_elements:
+        raise ResourceExhausted(f"inputs.embeddings: the step's slices hold {n} x {d} = {n * d} elements, over the "
+                                f"server's max_batch_elements ({limits.max_batch_elements})", field="inputs.embeddings")
+    memory = session.state.memory if session.state is not None else None
+    require_budget(session.loss_cls, emb, n + (memory.fill if memory is not None else 0), limits.memory_budget)
 
 
 def check_embed(session: Session, raw: torch.Tensor, limits: Limits) -> torch.Tensor:
@@ -147,7 +160,11 @@ def estimate_bytes(loss_cls: type[Loss], n: int, d: int, m: int, itemsize: int) 
 def require_budget(loss_cls: type[Loss], embeddings: torch.Tensor, candidates: int, budget: int) -> None:
     """Refuse a batch whose estimated device memory exceeds ``budget`` bytes (0: no limit), before it runs."""
     n, d = embeddings.shape
-    need = estimate_bytes(loss_cls, n, d, candidates, embeddings.element_size())
+    require_budget_rows(loss_cls, n, d, embeddings.element_size(), candidates, budget)
+
+
+def require_budget_rows(loss_cls: type[Loss], n: int, d: int, itemsize: int, candidates: int, budget: int) -> None:
+    need = estimate_bytes(loss_cls, n, d, candidates, itemsize)
     if budget and need > budget:
         raise ResourceExhausted(
             f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "

@@ -65,7 +65,7 @@ class ReturnOptions(_message.Message):
     def __init__(self, gradient: _Optional[bool] = ..., triplets: _Optional[bool] = ..., max_triplets: _Optional[int] = ..., per_item_losses: _Optional[bool] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "loss", "inputs", "options", "step")
+    __slots__ = ("request_id", "session_id", "loss", "inputs", "options", "step", "rank")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,16 +79,18 @@ class ComputeRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     loss: LossSpec
     inputs: _containers.MessageMap[str, Tensor]
     options: ReturnOptions
     step: int
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., options: _Optional[_Union[ReturnOptions, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
+    rank: int
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., options: _Optional[_Union[ReturnOptions, _Mapping]] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("request_id", "loss", "gradients", "triplets", "triplets_total", "triplets_truncated", "per_item_losses", "stats", "step", "error", "triplet_ids")
+    __slots__ = ("request_id", "loss", "gradients", "triplets", "triplets_total", "triplets_truncated", "per_item_losses", "stats", "step", "error", "triplet_ids", "row_offset")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +116,7 @@ class ComputeResponse(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TRIPLET_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     loss: float
     gradients: _containers.MessageMap[str, Tensor]
@@ -125,10 +128,11 @@ class ComputeResponse(_message.Message):
     step: int
     error: _status_pb2.Status
     triplet_ids: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., loss: _Optional[float] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., triplets: _Optional[_Union[Tensor, _Mapping]] = ..., triplets_total: _Optional[int] = ..., triplets_truncated: _Optional[bool] = ..., per_item_losses: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., triplet_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    row_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., loss: _Optional[float] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., triplets: _Optional[_Union[Tensor, _Mapping]] = ..., triplets_total: _Optional[int] = ..., triplets_truncated: _Optional[bool] = ..., per_item_losses: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., triplet_ids: _Optional[_Union[Tensor, _Mapping]] = ..., row_offset: _Optional[int] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("loss", "head", "optimizer", "memory", "seed", "initial_state")
+    __slots__ = ("loss", "head", "optimizer", "memory", "seed", "initial_state", "group_size", "group_timeout")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,13 +146,17 @@ class SessionConfig(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     loss: LossSpec
     head: _struct_pb2.Value
     optimizer: _struct_pb2.Struct
     memory: _struct_pb2.Struct
     seed: int
     initial_state: _containers.MessageMap[str, Tensor]
-    def __init__(self, loss: _Optional[_Union[LossSpec, _Mapping]] = ..., head: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., optimizer: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., memory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    group_size: int
+    group_timeout: float
+    def __init__(self, loss: _Optional[_Union[LossSpec, _Mapping]] = ..., head: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., optimizer: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., memory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., group_size: _Optional[int] = ..., group_timeout: _Optional[float] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "config", "step", "parameter_count", "memory_fill", "memory_size", "last_checkpoint_step", "last_checkpoint_time", "optimizer_state", "status", "status_message", "device", "created_time")
