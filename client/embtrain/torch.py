@@ -52,10 +52,21 @@ class RemoteLoss(nn.Module):
 
     With a ``Session``, every call is a step-numbered batch (the next step after the session's current one, read
     once at the first call), so a call that is resent after a lost answer is applied exactly once.
+
+    **Group sessions and DDP.** With a session created with ``group_size=W``, each call sends this process's slice
+    of the step as member ``rank``. Inside an initialised ``torch.distributed`` group, the rank is the process's
+    rank, the step counter is agreed from rank 0, and the gradient is multiplied by the world size (``ddp_scale``,
+    which overrides it). Why: the server returns ``G_r = dL/dx_r``, the exact partials of the loss ``L`` over the
+    concatenated batch, so one process holding the whole batch would get ``dL/dθ = Σ_r J_rᵀ G_r`` for the encoder's
+    parameters θ (``J_r = dx_r/dθ``). DDP's all-reduce *averages* the ranks' parameter gradients, giving
+    ``(1/W) Σ_r J_rᵀ g_r`` for the gradients ``g_r`` back-propagated on each rank; with ``g_r = W · G_r`` that is
+    exactly ``Σ_r J_rᵀ G_r``. A client that sums gradients itself (or a single process) passes ``ddp_scale=1``.
+    Outside a process group, give ``rank=`` explicitly.
     """
 
     def __init__(self, client_or_target: Client | Session | str, loss: str | None = None,
-                 params: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+                 params: Mapping[str, Any] | None = None, *, rank: int | None = None,
+                 ddp_scale: float | None = None, **kwargs: Any) -> None:
         super().__init__()
         if isinstance(client_or_target, Session):
             self.session: Session | None = client_or_target
@@ -68,7 +79,34 @@ class RemoteLoss(nn.Module):
         self.loss_name = loss
         self.params = {**(params or {}), **kwargs}
         self.last_result: ComputeResult | None = None
+        self.rank = rank
+        self.ddp_scale = ddp_scale
         self._step: int | None = None  # the session's last applied step, as far as this loss knows
+        self._member: Any = None  # the session, or its member for a group session
+
+    def _join(self) -> None:
+        """First call on a session: the step counter, and for a group session the rank and the DDP factor."""
+        assert self.session is not None
+        info = self.session.info()
+        size = int(info.config.get("group_size", 1))
+        dist = torch.distributed
+        in_group = dist.is_available() and dist.is_initialized()
+        step = info.step
+        if size > 1:
+            rank = self.rank if self.rank is not None else (dist.get_rank() if in_group else None)
+            if rank is None:
+                raise invalid_argument("rank", f"the session has group_size {size}: give rank= or run inside an "
+                                       "initialised torch.distributed group")
+            if in_group:  # every rank starts from the same step: rank 0's view
+                agreed = [step]
+                dist.broadcast_object_list(agreed, src=0)
+                step = int(agreed[0])
+            self._member = self.session.member(rank)
+            if self.ddp_scale is None:
+                self.ddp_scale = float(dist.get_world_size()) if in_group else 1.0
+        else:
+            self._member = self.session
+        self._step = step
 
     def forward(self, embeddings: torch.Tensor, labels: Any = None, **inputs: Any) -> torch.Tensor:
         named = {"embeddings": embeddings, **inputs}
@@ -76,8 +114,8 @@ class RemoteLoss(nn.Module):
             torch.is_tensor(v) and v.requires_grad for v in named.values())
         if self.session is not None:
             if self._step is None:
-                self._step = self.session.info().step
-            r = self.session.compute(embeddings, labels, return_gradient=want_grad, step=self._step + 1, **inputs)
+                self._join()
+            r = self._member.compute(embeddings, labels, return_gradient=want_grad, step=self._step + 1, **inputs)
             self._step = r.step
         else:
             r = self.client.compute(embeddings, labels, loss=self.loss_name, params=self.params,
@@ -87,7 +125,8 @@ class RemoteLoss(nn.Module):
         if not want_grad:
             return value
         names = tuple(k for k, v in named.items() if torch.is_tensor(v) and v.requires_grad)
-        grads = tuple(r.gradients.get(k) for k in names)
+        scale = self.ddp_scale if self.ddp_scale is not None else 1.0
+        grads = tuple(g if g is None or scale == 1.0 else g * scale for g in (r.gradients.get(k) for k in names))
         return _RemoteLossFn.apply(value, names, grads, *(named[k] for k in names))
 
 
