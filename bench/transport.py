@@ -411,7 +411,8 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     from embtrain_server.config import ServerConfig
     from embtrain_server.metrics import Metrics
     from embtrain_server.persistence import Checkpointer
-    from embtrain_server.service import Service, decode_inputs, encode_result
+    from embtrain_server.service import Service, decode_inputs
+    from embtrain_server.steps import encode_result
     from embtrain_server.sessions import SessionStore
 
     x, y = make_batch(n, d, dtype)
