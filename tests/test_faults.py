@@ -593,6 +593,21 @@ class Trainer(threading.Thread):
         self.acked = step
 
 
+def assert_replays(c: embtrain.Client, state: pathlib.Path, sids: list[str], steps: list[int]) -> None:
+    """Every session is where an uninterrupted run of its batches 1..steps[i] gets: replay them on fresh sessions
+    in the same server process (same threads, so the arithmetic is bit for bit the same) and compare everything
+    but the ids and the kept answer of the last step."""
+    def norm(st: tuple[dict, dict]) -> tuple[dict, dict]:
+        return ({k: v for k, v in st[0].items() if k not in ("id", "created_time", "answer")},
+                {k: v for k, v in st[1].items() if not k.startswith("answer.")})
+
+    for i, (loss, params, kw, _) in enumerate(KILL_SESSIONS):
+        ref = c.create_session(loss, params, **kw)
+        for t in range(1, steps[i] + 1):
+            ref.compute(*batch_for(i, t))
+        assert_same_state(norm(saved_state(state, ref)), norm(saved_state(state, embtrain.Session(c, sids[i]))))
+
+
 @pytest.mark.timeout(240)
 def test_sigkill_at_random_moments(make_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     kills = 22
@@ -652,15 +667,8 @@ def test_sigkill_at_random_moments(make_server, tmp_path: pathlib.Path) -> None:
                 upper[t.index] = t.sent
                 known_ckpt[t.index] = max(known_ckpt[t.index], t.checkpoint)
         assert sum(acked) > 3 * kills  # training did progress between the kills
-        # Every session is where an uninterrupted run of batches 1..step gets: replay them on fresh sessions in
-        # the same server process (same threads, so the arithmetic is bit for bit the same) and compare.
         with fast_client(target, timeout=60) as c:
-            for i, (loss, params, kw, _) in enumerate(KILL_SESSIONS):
-                ref = c.create_session(loss, params, **kw)
-                for t in range(1, acked[i] + 1):
-                    ref.compute(*batch_for(i, t))
-                norm = lambda st: ({k: v for k, v in st[0].items() if k not in ("id", "created_time")}, st[1])  # noqa: E731
-                assert_same_state(norm(saved_state(state, ref)), norm(saved_state(state, embtrain.Session(c, sids[i]))))
+            assert_replays(c, state, sids, acked)
     finally:
         zygote.close()
     # how often the restored step was past the last answer received (an answer lost in the kill)
@@ -735,18 +743,14 @@ def test_sigkill_loop_with_step_numbered_resends_loses_and_repeats_nothing(tmp_p
                 assert not t.is_alive() and not t.bad, t.bad
                 acked[t.index] = t.acked
         with fast_client(target, timeout=60) as c:
-            for i, (loss, params, kw, _) in enumerate(KILL_SESSIONS):
-                s = embtrain.Session(c, sids[i])
+            for i, sid in enumerate(sids):
+                s = embtrain.Session(c, sid)
                 final = s.info().step
                 if final == acked[i] + 1:  # the last answer was lost: the resend gets it, nothing is applied
                     assert s.compute(*batch_for(i, final), step=final).step == final
                     assert s.info().step == final
-                ref = c.create_session(loss, params, **kw)
-                for t in range(1, final + 1):
-                    ref.compute(*batch_for(i, t))
-                norm = lambda st: ({k: v for k, v in st[0].items() if k not in ("id", "created_time", "answer")},  # noqa: E731
-                                   {k: v for k, v in st[1].items() if not k.startswith("answer.")})
-                assert_same_state(norm(saved_state(state, ref)), norm(saved_state(state, s)))
+                acked[i] = final
+            assert_replays(c, state, sids, acked)
         assert sum(acked) > 3 * kills  # training did progress between the kills
     finally:
         zygote.close()

@@ -152,6 +152,7 @@ class GroupSteps:
         self.scheduler = scheduler
         self.metrics = metrics
         self._pending: dict[str, _Pending] = {}
+        self._running: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def submit(self, session: Any, part: Slice, budget_check: Callable[[list[Slice]], None],
                      commit: Callable[[Any, list[Slice]], dict[int, bytes]]) -> bytes:
@@ -176,7 +177,9 @@ class GroupSteps:
         answer = pending.answers[part.rank] = asyncio.get_running_loop().create_future()
         if not pending.missing():
             self.metrics.group_wait_seconds.observe(time.monotonic() - pending.first_arrival)
-            asyncio.ensure_future(self._run(session, pending, commit))
+            task = asyncio.ensure_future(self._run(session, pending, commit))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         try:
             return await asyncio.shield(answer)
         except asyncio.CancelledError:
