@@ -64,6 +64,15 @@ def server() -> Iterator[ServerHandle]:
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def module_server() -> Iterator[ServerHandle]:
+    """A server of the module's own: for modules that create many sessions (the shared server keeps the
+    per-principal session limit)."""
+    handle = ServerHandle(base_config())
+    yield handle
+    handle.stop()
+
+
 @pytest.fixture()
 def client(server: ServerHandle) -> Iterator[embtrain.Client]:
     with server.client(timeout=60.0) as c:

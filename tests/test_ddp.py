@@ -16,6 +16,12 @@ from tests.conftest import ServerHandle
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ddp" / "train.py"
 
 
+@pytest.fixture(scope="module")
+def server(module_server: ServerHandle) -> ServerHandle:
+    """This module's own server (its tests create many sessions)."""
+    return module_server
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_ddp_ranks_train_like_one_process(server: ServerHandle, dtype: str) -> None:

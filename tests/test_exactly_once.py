@@ -26,6 +26,12 @@ CONFIG: dict[str, Any] = dict(loss="batch_hard_triplet", params={"margin": 0.2},
                               memory={"size": 24}, seed=7)
 
 
+@pytest.fixture(scope="module")
+def server(module_server: ServerHandle) -> ServerHandle:
+    """This module's own server (its tests create many sessions)."""
+    return module_server
+
+
 def batch(step: int, n: int = 12, d: int = 6) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1000 + step)
     return rng.standard_normal((n, d)).astype(np.float32), (np.arange(n) % 3).astype(np.int64)

@@ -20,6 +20,13 @@ from tests.conftest import ServerHandle
 W = 4
 SIZES = [5, 0, 7, 3]  # uneven, one member with no rows at all
 
+
+@pytest.fixture(scope="module")
+def server(module_server: ServerHandle) -> ServerHandle:
+    """This module's own server (its tests create many sessions)."""
+    return module_server
+
+
 CASES: dict[str, dict[str, Any]] = {
     "batch_hard_triplet": dict(loss="batch_hard_triplet", params={"margin": 0.2}),
     "triplet_margin_semihard": dict(loss="triplet_margin", params={"miner": "semihard", "margin": 0.5}),
@@ -214,3 +221,51 @@ def test_a_member_that_gives_up_releases_its_slice(client: embtrain.Client) -> N
     assert isinstance(out[1], embtrain.DeadlineExceeded)  # rank 0's slice is gone: the step still waits for it
     full = group_step(group, parts, 1)
     assert full[0].step == full[1].step == 1
+
+
+def test_the_budget_is_checked_on_the_step_so_far_before_a_member_waits(
+        make_server: Callable[..., ServerHandle]) -> None:
+    """Each slice fits the memory budget alone; together they do not: the slice that would overflow it is refused
+    at once (RESOURCE_EXHAUSTED) and not kept, while the first keeps waiting for a slice that fits."""
+    h = make_server(memory_budget_bytes=3 * 2**20)
+    with h.client() as c:
+        group = c.create_session("batch_hard_triplet", group_size=2, group_timeout=30)
+        x0, y0 = slices(1, np.float32, [200])[0]
+        x1, y1 = slices(2, np.float32, [300])[0]
+        first: dict[int, Any] = {}
+        t = threading.Thread(target=lambda: first.setdefault(0, group.member(0).compute(x0, y0, step=1)))
+        t.start()
+        time.sleep(0.3)
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            group.member(1).compute(x1, y1, step=1)
+        assert info.value.fields == ["inputs.embeddings"]
+        r1 = group.member(1).compute(x1[:10], y1[:10], step=1)  # a slice that fits completes the step
+        t.join(30)
+        assert r1.step == first[0].step == 1 and r1.row_offset == 200
+
+
+def test_a_restart_during_a_step_loses_the_collected_slices_and_the_resend_commits_once(
+        make_server: Callable[..., ServerHandle], tmp_path: Any) -> None:
+    cfg = dict(persist=True, state_dir=str(tmp_path), checkpoint_every_steps=1)
+    h = make_server(**cfg)
+    with h.client() as c:
+        group = create(c, "head_and_optimizer", group_size=2, group_timeout=30)
+        group_step(group, slices(1, np.float32, [3, 4]), 1)
+        parts = slices(2, np.float32, [3, 4])
+        waiting = threading.Thread(target=lambda: pytest.raises(embtrain.EmbtrainError,
+                                                                 group.member(0).compute, *parts[0], step=2))
+        waiting.start()
+        time.sleep(0.3)
+    h.stop(grace=0.5)  # the pending step (rank 0's slice) is not in any checkpoint
+    waiting.join(30)
+    h2 = make_server(**cfg)
+    with h2.client() as c:
+        group = c.get_session(group.id)
+        assert group.info().step == 1
+        done = group_step(group, parts, 2)
+        assert done[0].step == done[1].step == 2 and group.info().step == 2
+        ref = create(c, "head_and_optimizer")
+        for s in (1, 2):
+            p = slices(s, np.float32, [3, 4])
+            ref.compute(np.concatenate([p[0][0], p[1][0]]), np.concatenate([p[0][1], p[1][1]]))
+        assert group.export_model().weights == ref.export_model().weights

@@ -18,6 +18,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "example
 import pipeline  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def server(module_server: ServerHandle) -> ServerHandle:
+    """This module's own server (its tests create many sessions)."""
+    return module_server
+
+
 @pytest.mark.timeout(300)
 def test_pipeline_workers_collect_the_triplets_of_the_whole_step(server: ServerHandle,
                                                                  client: embtrain.Client) -> None:
