@@ -990,3 +990,17 @@ def test_pml_initial_state_of_the_wrong_shape_is_refused_at_creation(client: emb
         client.create_session("pml.ArcFaceLoss", {"num_classes": 10},
                               initial_state={"W": np.zeros((8, 10), np.float32), "V": np.zeros((8, 10), np.float32)})
     assert info.value.fields == ["config.initial_state.V"] and "expected W" in info.value.message
+
+
+def test_an_embed_without_rows_cannot_fix_a_new_sessions_width(client: embtrain.Client) -> None:
+    """33 bytes used to build a session's state for a width of 2x10^8 and pin it."""
+    s = client.create_session("contrastive", {}, head={"type": "linear", "out_dim": 3})
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        s.embed(np.zeros((0, 5), np.float32))
+    assert info.value.fields == ["embeddings"]
+    with pytest.raises(embtrain.ResourceExhausted) as info:
+        s.embed(np.zeros((0, 200_000_000), np.float32))
+    assert info.value.fields == ["embeddings"]
+    assert s.compute(np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32),
+                     np.arange(6) % 2).step == 1  # the width is still free
+    assert s.embed(np.zeros((0, 4), np.float32)).shape == (0, 3)  # once it is fixed, no rows is a fine question

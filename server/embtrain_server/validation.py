@@ -71,6 +71,9 @@ def check_embed(session: Session, raw: torch.Tensor, limits: Limits) -> torch.Te
     x = validate_inputs((EMBEDDINGS,), {"embeddings": raw}, max_batch_elements=limits.max_batch_elements,
                         prefix="", owner="Embed", min_rows=0)["embeddings"]
     session.check_width(int(x.shape[1]), "embeddings")
+    if session.state is None and x.shape[0] == 0:
+        raise invalid("embeddings", "no rows: the session has seen no batch yet, and its embedding width is fixed "
+                      "by real rows; send at least one")
     _require_state_budget(session, int(x.shape[1]), limits.memory_budget)
     return x
 
@@ -114,7 +117,7 @@ def validate_inputs(declared: type[Loss] | Sequence[InputSpec], raw: Mapping[str
         n, d = emb.shape
         if n < min_rows or d < 1:
             raise invalid(where, f"expected n >= {min_rows} rows and d >= 1 columns, got shape [{n}, {d}]")
-        if n * d > max_batch_elements:
+        if max(n, 1) * d > max_batch_elements:  # a width that one row could not have is refused with no rows too
             raise ResourceExhausted(
                 f"{where}: {n} x {d} = {n * d} elements, over the server's max_batch_elements "
                 f"({max_batch_elements}); send smaller batches", field=where)
