@@ -94,7 +94,7 @@ def test_a_group_step_equals_one_compute_on_the_concatenation(client: embtrain.C
             r = got[rank]
             assert not isinstance(r, Exception), r
             assert r.loss == want.loss and r.step == want.step == step and r.stats == want.stats
-            assert r.row_offset == offset
+            assert r.row_offset == offset and r.triplets_truncated == want.triplets_truncated
             np.testing.assert_array_equal(r.gradient, want.gradient[offset:offset + len(x)])
             assert r.gradient.dtype == dtype
             if want.triplets is None:  # a pair loss: no triplets

@@ -41,6 +41,7 @@ class ComputeResult:
     per_item: torch.Tensor | None
     stats: dict[str, float]
     n: int
+    truncated: bool = False  # more active triplets than ``max_triplets`` let through
 
 
 @dataclass
@@ -160,6 +161,7 @@ def forward_backward(loss: Loss, inputs: Mapping[str, torch.Tensor], *, device: 
     result = ComputeResult(
         loss=float(out.loss.detach()), gradients=gradients, triplets=triplets, triplets_total=int(out.triplets_total),
         triplet_ids=triplet_ids, per_item=out.per_item.detach().to("cpu") if (out.per_item is not None and per_item)
-        else None, stats={k: float(v) for k, v in out.stats.items()}, n=n)
+        else None, stats={k: float(v) for k, v in out.stats.items()}, n=n,
+        truncated=triplets is not None and int(out.triplets_total) > triplets.shape[0])
     seen = {name: t.detach() for name, t in loss_inputs.items()}
     return Pass(result, out, seen, ctx, param_grads)

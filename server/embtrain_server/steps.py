@@ -94,8 +94,7 @@ def encode_result(request_id: str, r: ComputeResult, step: int, row_offset: int 
     """The ComputeResponse's bytes: the small fields through protobuf, the tensors framed by hand (one copy)."""
     head = pb.ComputeResponse(request_id=request_id, loss=r.loss, triplets_total=r.triplets_total, step=step,
                               row_offset=row_offset)
-    if r.triplets is not None:
-        head.triplets_truncated = r.triplets_total > r.triplets.shape[0]
+    head.triplets_truncated = r.truncated
     for k, v in r.stats.items():
         head.stats[k] = v
     return wire.encode_compute_response(head, r.gradients, {"triplets": r.triplets, "per_item_losses": r.per_item,
