@@ -1004,3 +1004,23 @@ def test_an_embed_without_rows_cannot_fix_a_new_sessions_width(client: embtrain.
     assert s.compute(np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32),
                      np.arange(6) % 2).step == 1  # the width is still free
     assert s.embed(np.zeros((0, 4), np.float32)).shape == (0, 3)  # once it is fixed, no rows is a fine question
+
+
+def test_loss_state_is_within_the_memory_budget_before_it_is_built(make_server: Callable[..., ServerHandle]) -> None:
+    """Loss state counts against the budget before it exists: island's centres for 2x10^7 classes in a session,
+    and a stateless pml.ArcFaceLoss of 10^8 classes (whose weights used to be built while its parameters were
+    parsed) are refused, and the server goes on."""
+    h = make_server(memory_budget_bytes=256 * 2**20)
+    x, y = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32), np.arange(8) % 2
+    with h.client() as c:
+        s = c.create_session("island", {"num_classes": 20_000_000})
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            s.compute(x, y)
+        assert info.value.fields == ["config"] and s.info().step == 0
+        if importlib.util.find_spec("pytorch_metric_learning") is not None:
+            with pytest.raises(embtrain.ResourceExhausted) as info:
+                c.compute(x, y, loss="pml.ArcFaceLoss", params={"num_classes": 100_000_000})
+            assert info.value.fields == ["params"]
+            ok = c.compute(x, y, loss="pml.ArcFaceLoss", params={"num_classes": 4})
+            assert math.isfinite(ok.loss)
+        assert c.health() == "SERVING"

@@ -196,6 +196,8 @@ class Service:
         loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
         inputs = validation.check_compute(type(loss), decode_inputs(req.inputs), self.limits)
         loss.check_inputs(inputs)
+        if loss.stateful and "embeddings" in inputs:
+            validation.require_loss_state_budget(loss, int(inputs["embeddings"].shape[1]), self.limits.memory_budget)
         started = time.perf_counter()
         with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
             self.prepare_stateless(loss, inputs)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ResourceExhausted, invalid
+from . import losses
 from .losses.base import EMBEDDINGS, InputSpec, Loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -176,7 +177,8 @@ def require_budget_rows(loss_cls: type[Loss], n: int, d: int, itemsize: int, can
 
 def state_bytes(spec: SessionSpec, in_dim: int) -> int:
     """An upper estimate of the device memory a session's state takes for embeddings of width ``in_dim``: head
-    parameters with their gradients and two optimiser slots each, and the memory bank."""
+    parameters with their gradients and two optimiser slots each, the loss's state (island's centres, PML's
+    classifier weights) and the memory bank."""
     params, dim = 0, in_dim
     for item in spec.head:
         widths = [*item.get("hidden", []), item["out_dim"]] if "out_dim" in item else []
@@ -184,7 +186,18 @@ def state_bytes(spec: SessionSpec, in_dim: int) -> int:
             params += dim * width + width
             dim = width
     bank = spec.memory_size * (dim * 8 + 16)  # float64 rows at most, label and id
-    return 4 * params * 8 + bank
+    loss = losses.get(spec.loss)(spec.params)
+    return 4 * params * 8 + loss.state_bytes(dim) + bank
+
+
+def require_loss_state_budget(loss: Loss, dim: int, budget: int) -> None:
+    """A stateless call of a loss that builds state (a learnable PML loss with seed-0 weights): refuse it before
+    building when the state would not fit the budget."""
+    need = loss.state_bytes(dim)
+    if budget and need > budget:
+        raise ResourceExhausted(
+            f"params: loss {loss.name!r} would build about {need / 2**20:.0f} MiB of state for embeddings of width "
+            f"{dim}, over the server's memory budget of {budget / 2**20:.0f} MiB; use fewer classes", field="params")
 
 
 def _require_state_budget(session: Session, in_dim: int, budget: int) -> None:

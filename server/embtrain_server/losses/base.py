@@ -111,6 +111,11 @@ class Loss(ABC):
     def check_params(self) -> None:
         """Cross-parameter checks (e.g. ``max_dist > min_dist``); raise ``InvalidArgument``."""
 
+    def state_bytes(self, dim: int) -> int:
+        """An upper estimate of the device memory of the state this loss builds for embeddings of width ``dim``
+        (with its gradients and two optimiser slots), for the memory budget before anything is built."""
+        return 0
+
     @property
     def returns_per_item(self) -> bool:
         """Whether every answer carries the per-item losses: a caller who asked for no reduction gets the list."""

@@ -175,6 +175,10 @@ class IslandLoss(Loss):
         )
 
     # ---- session state ---------------------------------------------------------------------------------------
+    def state_bytes(self, dim: int) -> int:
+        k = self.params["num_classes"] or 0  # without it the centres come (already allocated) from initial_state
+        return 4 * 8 * k * dim  # float64 at most; gradient and two optimiser slots under center_update "sgd"
+
     def check_initial_state(self, initial: Mapping[str, torch.Tensor]) -> None:
         unknown = sorted(set(initial) - {"initial_centers"})
         if unknown:

@@ -334,13 +334,22 @@ class _PmlLoss(Loss):
         self._module: torch.nn.Module | None = None
         self._dim: int | None = None
         self._pending: dict[str, torch.Tensor] = {}
-        # Validate every argument now (PML checks some in its constructor); learnable ones at a tiny width.
-        probe = self._build(_PROBE_DIM, STATELESS_SEED)
+        # Validate every argument now (PML checks some in its constructor); learnable ones at a tiny width and with
+        # one class, so that parsing allocates nothing however many classes are asked for (see ``state_bytes``).
+        classes = row.classes_param if row.learnable and row.classes_param in self._ctor else None
+        probe = self._build(_PROBE_DIM, STATELESS_SEED, **({classes: 1} if classes else {}))
         if not self._row.learnable and self._row.dim_param is None:
             self._module = probe
 
-    def _build(self, dim: int, seed: int) -> torch.nn.Module:
-        kwargs = dict(self._ctor)
+    def state_bytes(self, dim: int) -> int:
+        """Learnable classifier losses hold about num_classes x dim (x centres_per_class) weights."""
+        row, p = self._row, self.params
+        if not row.learnable or not row.classes_param or p.get(row.classes_param) is None:
+            return 0
+        return 4 * 8 * int(p[row.classes_param]) * dim * int(p.get("centers_per_class") or 1)
+
+    def _build(self, dim: int, seed: int, **overrides: Any) -> torch.nn.Module:
+        kwargs = {**self._ctor, **overrides}
         if self._row.dim_param is not None:
             kwargs[self._row.dim_param] = dim
         p = self.params
