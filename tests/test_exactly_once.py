@@ -104,6 +104,7 @@ def test_cancels_and_expired_deadlines_with_resends_apply_every_step_once(server
     channel = grpc.insecure_channel(server.target)
     raw = channel.unary_unary("/embtrain.v1.EmbeddingTrainer/Compute")
     answers = []
+    expired = 0
     try:
         for t in range(1, steps + 1):
             x, y = batch(t)
@@ -111,15 +112,18 @@ def test_cancels_and_expired_deadlines_with_resends_apply_every_step_once(server
                 req = pb.ComputeRequest(request_id=f"c{t}", session_id=s.id, step=t)
                 fut = raw.future(wire.encode_compute_request(req, {"embeddings": x, "labels": y}), timeout=60)
                 fut.cancel()
-            else:  # a deadline that expires while it is sent or computed
-                with pytest.raises((embtrain.DeadlineExceeded, embtrain.Unavailable)):
+            else:  # a deadline that expires while it is sent or computed (now and then the call makes it)
+                try:
                     s.compute(x, y, step=t, timeout=0.001)
+                except (embtrain.DeadlineExceeded, embtrain.Unavailable):
+                    expired += 1
             answers.append(s.compute(x, y, step=t))  # the resend: applied now, or the kept answer
     finally:
         channel.close()
     for got, want in zip(answers, ref):
         same(got, want)
     assert s.info().step == steps and weights(s) == w_ref
+    assert expired > 0  # the deadlines did cut calls short
 
 
 def test_a_restart_keeps_the_last_answer(make_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]

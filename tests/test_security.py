@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import replace
 
 import grpc
@@ -542,3 +543,25 @@ def test_stream_ends_promptly_when_the_server_drains(make_server) -> None:  # ty
     h.loop.call_soon_threadsafe(h.loop.stop)
     h.thread.join(10)
     s.close()
+
+
+def test_requests_are_admitted_against_the_server_wide_budget(make_server) -> None:  # type: ignore[no-untyped-def]
+    """A request whose bytes alone exceed the memory budget is refused before it is queued; twenty concurrent
+    requests whose bytes together exceed it wait for each other and are all answered; nothing stays admitted."""
+    h: ServerHandle = make_server(memory_budget_bytes=700 * 1024)
+    rng = np.random.default_rng(0)
+    with h.client() as c:
+        big = rng.standard_normal((1500, 128)).astype(np.float32)  # ~770 KB
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            c.compute(big, np.arange(1500) % 4, loss="batch_hard_triplet")
+        assert info.value.fields == ["request"]
+        x = rng.standard_normal((100, 128)).astype(np.float32)  # ~52 KB: 13 fit in the budget at once
+        results: list[Any] = []
+        threads = [threading.Thread(target=lambda: results.append(
+            c.compute(x, np.arange(100) % 4, loss="batch_hard_triplet"))) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 20 and all(np.isfinite(r.loss) for r in results)
+    assert gauge(h, "embtrain_admitted_request_bytes") == 0

@@ -9,10 +9,12 @@ covers the whole run (the next batch never overlaps it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .errors import ResourceExhausted
 from .metrics import Metrics
 
 T = TypeVar("T")
@@ -72,3 +74,43 @@ class Scheduler:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+class Admission:
+    """Server-wide admission by the bytes of the requests in flight (received and not yet answered, unary and
+    stream, waiting for a worker or computing), against the memory budget: a request that does not fit waits in a
+    bounded queue, and is refused with RESOURCE_EXHAUSTED when the queue is full or it could never fit. (Each
+    batch's own working memory is estimated against the same budget once it is decoded; see ``validation``.)"""
+
+    def __init__(self, budget: int, max_waiting: int, metrics: Metrics) -> None:
+        self.budget = budget
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self.in_flight = 0
+        self.waiting = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        if self.budget and nbytes > self.budget:
+            raise ResourceExhausted(f"request: {nbytes} bytes, over the server's memory budget of {self.budget} "
+                                    "bytes; send smaller batches", field="request")
+        async with self._changed:
+            if self.budget and self.in_flight + nbytes > self.budget:
+                if self.waiting >= self.max_waiting:
+                    raise ResourceExhausted(f"request: the server holds {self.in_flight} bytes of requests and "
+                                            f"{self.waiting} more wait; retry later", field="request")
+                self.waiting += 1
+                try:
+                    await self._changed.wait_for(lambda: self.in_flight + nbytes <= self.budget)
+                finally:
+                    self.waiting -= 1
+            self.in_flight += nbytes
+            self.metrics.admitted_bytes.set(self.in_flight)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_flight -= nbytes
+                self.metrics.admitted_bytes.set(self.in_flight)
+                self._changed.notify_all()

@@ -30,7 +30,7 @@ from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, 
 from .groups import GroupSteps
 from .identity import current_principal
 from .metrics import Metrics
-from .scheduler import Scheduler
+from .scheduler import Admission, Scheduler
 from .service import Service
 from .streams import Draining, StreamPump
 from .translate import to_grpc_status, to_status_proto
@@ -115,6 +115,8 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
     def __init__(self, service: Service, scheduler: Scheduler, config: ServerConfig, metrics: Metrics) -> None:
         self.service = service
         self.scheduler = scheduler
+        # A queue as long as the streams' read-ahead allows: beyond it a request is refused, not held.
+        self.admission = Admission(service.limits.memory_budget, config.max_concurrent_streams * 2, metrics)
         self.groups = GroupSteps(scheduler, metrics)
         self.config = config
         self.metrics = metrics
@@ -138,7 +140,8 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                 raise Unavailable(DRAINING_MESSAGE)
             if isinstance(request, Malformed):
                 raise request.error()
-            resp = await call(request, current_principal(), context.cancelled)
+            async with self.admission.hold(request.ByteSize()):
+                resp = await call(request, current_principal(), context.cancelled)
             self.metrics.sent_bytes.labels(method).inc(_size(resp))
             return resp
         except ServiceError as err:
@@ -224,7 +227,8 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                     try:
                         if isinstance(req, Malformed):
                             raise req.error()
-                        resp = await self.compute(req, principal)
+                        async with self.admission.hold(req.ByteSize()):
+                            resp = await self.compute(req, principal)
                     except NotFound as err:  # stream-level: the stream targets a session that is not there
                         self.metrics.requests.labels(method, err.code_name).inc()
                         await context.abort_with_status(to_grpc_status(err))
