@@ -302,8 +302,9 @@ def test_garbage_protobuf_is_invalid_argument_and_changes_nothing(strict_server,
 
 def test_cpu_out_of_memory_is_resource_exhausted(make_server, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     """A real allocator failure: 2^23 rows make the pairwise matrix 2^46 entries, far beyond any address space.
-    The estimate is switched off (a huge budget) so the batch reaches the device."""
-    h: ServerHandle = make_server(memory_budget_bytes=2**62, persist=True, state_dir=str(tmp_path))
+    The estimates are switched off (a huge budget, no compute-time limit) so the batch reaches the device."""
+    h: ServerHandle = make_server(memory_budget_bytes=2**62, max_compute_seconds=0, persist=True,
+                                  state_dir=str(tmp_path))
     n = 2**23
     x = np.random.default_rng(0).standard_normal((n, 1)).astype(np.float32)
     y = (np.arange(n) % 7).astype(np.int64)
@@ -327,7 +328,7 @@ def test_cpu_out_of_memory_is_resource_exhausted(make_server, tmp_path: pathlib.
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_out_of_memory_is_resource_exhausted(make_server) -> None:  # type: ignore[no-untyped-def]
-    h: ServerHandle = make_server(device="cuda", memory_budget_bytes=2**62)
+    h: ServerHandle = make_server(device="cuda", memory_budget_bytes=2**62, max_compute_seconds=0)
     n = 2**18  # a 2^36-entry pairwise matrix: 512 GiB in float64, more than any GPU has
     x = np.random.default_rng(0).standard_normal((n, 1)).astype(np.float32)
     y = (np.arange(n) % 7).astype(np.int64)

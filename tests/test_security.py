@@ -491,8 +491,9 @@ def test_a_cancelled_running_batch_keeps_the_session_order(make_server) -> None:
         finally:
             gate.open()
         wait_until(lambda: gauge(h, "embtrain_worker_calls") == 0 and not scheduler.busy(s.id), what="the batch to end")
-        assert s.info().step == 1  # it ran to completion (its outcome is visible in the session)
-        assert s.compute(x, y).step == 2
+        # its caller was gone: the computation stopped at its next block, and nothing was applied
+        assert s.info().step == 0
+        assert s.compute(x, y).step == 1
 
 
 def test_connection_options_are_applied() -> None:
@@ -565,3 +566,52 @@ def test_requests_are_admitted_against_the_server_wide_budget(make_server) -> No
             t.join(60)
         assert len(results) == 20 and all(np.isfinite(r.loss) for r in results)
     assert gauge(h, "embtrain_admitted_request_bytes") == 0
+
+
+def test_work_estimated_past_the_compute_time_limit_is_refused_up_front(make_server) -> None:  # type: ignore[no-untyped-def]
+    """weighted_margin_ranking's matrix form is O(n³): at n = 300 its estimate exceeds a 1 s limit, and it is
+    refused before it runs; the vector form of the same size is O(n²) and runs."""
+    h: ServerHandle = make_server(max_compute_seconds=1.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    gt = np.abs(rng.standard_normal((300, 300))).astype(np.float32)
+    with h.client() as c:
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            c.compute(x, loss="weighted_margin_ranking", gt_distances=gt)
+        assert info.value.fields == ["inputs.embeddings"] and "max_compute_seconds" in info.value.message
+        r = c.compute(x, loss="weighted_margin_ranking", gt_distances=gt[0, 1:])
+        assert np.isfinite(r.loss)
+
+
+def test_an_expired_call_stops_its_computation_at_the_next_block(make_server) -> None:  # type: ignore[no-untyped-def]
+    """A batch of minutes (weighted_margin_ranking's O(n³) matrix form at n = 2000; no compute-time limit here)
+    whose deadline passes gives its worker back within a few blocks (about a second), not when the batch would have
+    finished; the bound below is that difference, not a speed target."""
+    h: ServerHandle = make_server(max_compute_seconds=0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    gt = np.abs(rng.standard_normal((2000, 2000))).astype(np.float32)
+    with h.client() as c:
+        with pytest.raises(embtrain.DeadlineExceeded):
+            c.compute(x, loss="weighted_margin_ranking", gt_distances=gt, timeout=1.0)
+        wait_until(lambda: gauge(h, "embtrain_worker_calls") == 0, timeout=20, what="the worker to stop")
+        y = np.arange(8) % 2
+        assert np.isfinite(c.compute(x[:8], y, loss="batch_hard_triplet").loss)
+
+
+def test_cancellation_stops_a_loss_between_its_blocks() -> None:
+    """The check itself, without a server: a stopped scope raises Cancelled at the loss's next block."""
+    import torch
+
+    from embtrain_server import cancellation, compute, losses
+
+    losses.load_all()
+    loss = losses.get("weighted_margin_ranking")({})
+    x = torch.randn(50, 4, dtype=torch.float64)
+    gt = torch.rand(50, 50, dtype=torch.float64)
+    stop = threading.Event()
+    stop.set()
+    with cancellation.scope(stop), pytest.raises(cancellation.Cancelled):
+        compute.run(loss, {"embeddings": x, "gt_distances": gt}, device=torch.device("cpu"))
+    with cancellation.scope(threading.Event()):
+        assert np.isfinite(compute.run(loss, {"embeddings": x, "gt_distances": gt}, device=torch.device("cpu")).loss)

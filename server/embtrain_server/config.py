@@ -55,6 +55,10 @@ class ServerConfig:
     default_max_triplets: int = 100_000
     max_triplets_limit: int = 10_000_000
     memory_budget_bytes: int = 0  # estimate cap for one batch; 0: 80% of the device's memory (CPU: of RAM)
+    # A batch whose estimated compute time exceeds this is refused up front (0: no limit); the estimate divides its
+    # arithmetic by compute_rate (operations per second; 0: 2e9 on a CPU, 2e12 on a GPU).
+    max_compute_seconds: float = 300.0
+    compute_rate: float = 0.0
     max_sessions_per_principal: int = 64
     max_concurrent_streams: int = 256
     max_inflight_per_stream: int = 8
@@ -79,6 +83,8 @@ class ServerConfig:
             problems.append("tls_client_ca: needs tls_cert and tls_key (mutual TLS is on top of TLS)")
         if self.torch_threads < 0:
             problems.append(f"torch_threads: expected >= 0 (0: torch's default), got {self.torch_threads}")
+        if self.max_compute_seconds < 0 or self.compute_rate < 0:
+            problems.append("max_compute_seconds and compute_rate: expected >= 0 (0: no limit / by device)")
         if self.workers < 0:
             problems.append(f"workers: expected >= 0 (0: by device), got {self.workers}")
         for name in ("max_batch_elements", "default_max_triplets", "max_triplets_limit",

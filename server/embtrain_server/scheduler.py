@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from . import cancellation
 from .errors import ResourceExhausted
 from .metrics import Metrics
 
@@ -29,11 +31,12 @@ class Scheduler:
         self._order: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any, session_id: str | None = None,
-                  cancelled: Callable[[], bool] = lambda: False) -> T:
+                  cancelled: Callable[[], bool] = lambda: False, stop: threading.Event | None = None) -> T:
         """``fn(*args)`` on a worker; with ``session_id``, after every earlier call of that session has finished.
-        ``cancelled()`` is asked once the order is reached: a call given up while it waited never runs."""
+        ``cancelled()`` is asked once the order is reached: a call given up while it waited never runs; ``stop``,
+        once set, ends a long computation at its next block (``cancellation``)."""
         if session_id is None:
-            return await self._work(fn, *args)
+            return await self._work(fn, *args, stop=stop)
         lock, users = self._order.get(session_id, (None, 0))
         lock = lock or asyncio.Lock()
         self._order[session_id] = (lock, users + 1)
@@ -41,7 +44,7 @@ class Scheduler:
             async with lock:
                 if cancelled():
                     raise asyncio.CancelledError
-                return await self._work(fn, *args)
+                return await self._work(fn, *args, stop=stop)
         finally:
             lock, users = self._order[session_id]
             if users == 1:
@@ -53,13 +56,15 @@ class Scheduler:
         """Whether a call of the session is queued or running."""
         return session_id in self._order
 
-    async def _work(self, fn: Callable[..., T], *args: Any) -> T:
-        cf = self.executor.submit(fn, *args)
+    async def _work(self, fn: Callable[..., T], *args: Any, stop: threading.Event | None = None) -> T:
+        cf = self.executor.submit(_in_scope, stop, fn, *args)
         fut = asyncio.wrap_future(cf)
         self.metrics.worker_calls.inc()
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            if stop is not None:  # the caller is gone: the work stops at its next block
+                stop.set()
             if not cf.cancel():
                 while not fut.done():
                     try:
@@ -74,6 +79,11 @@ class Scheduler:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _in_scope(stop: threading.Event | None, fn: Callable[..., T], *args: Any) -> T:
+    with cancellation.scope(stop):
+        return fn(*args)
 
 
 class Admission:

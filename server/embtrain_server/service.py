@@ -90,8 +90,9 @@ class Service:
         self.store = store
         self.checkpointer = checkpointer
         self.metrics = metrics
-        self.limits = validation.Limits(config.max_batch_elements,
-                                        config.memory_budget_bytes or int(0.8 * devices.memory_total(device)))
+        self.limits = validation.Limits(
+            config.max_batch_elements, config.memory_budget_bytes or int(0.8 * devices.memory_total(device)),
+            config.max_compute_seconds, config.compute_rate or (2e9 if device.type == "cpu" else 2e12))
         losses.load_all()
 
     # ---- Compute -----------------------------------------------------------------------------------------
@@ -151,17 +152,25 @@ class Service:
         raw = decode_inputs(req.inputs)
         if size > 1:
             groups.check_per_row(session.loss_cls, raw)
-        inputs = validation.check_compute(session.loss_cls, raw, self.limits, session, min_rows=0 if size > 1 else 1)
+        inputs = validation.check_compute(self.loss_of(session), raw, self.limits, session,
+                                          min_rows=0 if size > 1 else 1)
         return groups.Slice(rank=rank, step=session.step + 1 if step is None else step, request_id=request_id,
                             inputs=inputs, digest=fingerprint, options=options)
+
+    @staticmethod
+    def loss_of(session: Session) -> Loss:
+        """The session's loss instance (its own once it has state; before that, one of its configuration)."""
+        return session.state.loss if session.state is not None else session.loss_cls(session.spec.params)
 
     def check_slices(self, session: Session, slices: list[groups.Slice]) -> None:
         """Before a member waits: the device memory of the step so far (its slices together) fits the budget."""
         rows = sum(s.rows for s in slices)
-        emb = slices[0].inputs["embeddings"]
+        first = slices[0].inputs
+        emb = first["embeddings"]
         memory = session.state.memory if session.state is not None else None
-        validation.require_budget_rows(session.loss_cls, rows, int(emb.shape[1]), emb.element_size(),
-                                       rows + (memory.fill if memory is not None else 0), self.limits.memory_budget)
+        validation.require_budget_rows(self.loss_of(session).memory_complexity(first), rows, int(emb.shape[1]),
+                                       emb.element_size(), rows + (memory.fill if memory is not None else 0),
+                                       self.limits.memory_budget)
 
     def commit_step(self, session: Session, slices: list[groups.Slice]) -> dict[int, bytes]:
         """Compute a step on its slices concatenated in rank order and apply it, entirely or not at all; each
@@ -171,7 +180,7 @@ class Service:
             raise FailedPrecondition(f"step: expected {session.step + 1}, got {step}", field="step")
         options = groups.common_options(slices)
         inputs, offsets = groups.concatenate(slices)
-        validation.check_step(session, inputs, self.limits)
+        validation.check_step(session, self.loss_of(session), inputs, self.limits)
         started = time.perf_counter()
         with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this step"):
             pending = training.prepare(session, inputs, options, self.config.compute_dtype)
@@ -194,7 +203,7 @@ class Service:
         if not req.loss.name:
             raise invalid("loss.name", "expected a loss name (see ListLosses)")
         loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
-        inputs = validation.check_compute(type(loss), decode_inputs(req.inputs), self.limits)
+        inputs = validation.check_compute(loss, decode_inputs(req.inputs), self.limits)
         loss.check_inputs(inputs)
         if loss.stateful and "embeddings" in inputs:
             validation.require_loss_state_budget(loss, int(inputs["embeddings"].shape[1]), self.limits.memory_budget)

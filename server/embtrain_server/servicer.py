@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -102,6 +103,14 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
+def _ended(context: grpc.aio.ServicerContext) -> threading.Event:
+    """An event set when the call ends (answered, cancelled, deadline passed): work still running for it stops at
+    its next block (``cancellation``)."""
+    ended = threading.Event()
+    context.add_done_callback(lambda _: ended.set())
+    return ended
+
+
 def _session_id(request: Any) -> str | None:
     """The session whose order a request joins (None: it needs none)."""
     if isinstance(request, Malformed):
@@ -125,13 +134,13 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
 
     def on_worker(self, handler: Callable[[Any, str], Any]) -> Callable[..., Awaitable[Any]]:
         """A service handler run by the scheduler (under the session's order when the request names one)."""
-        async def call(request: Any, principal: str, cancelled: Callable[[], bool]) -> Any:
+        async def call(request: Any, principal: str, cancelled: Callable[[], bool], stop: threading.Event) -> Any:
             return await self.scheduler.run(handler, request, principal, session_id=_session_id(request),
-                                            cancelled=cancelled)
+                                            cancelled=cancelled, stop=stop)
         return call
 
     async def unary(self, method: str, request: Any, context: grpc.aio.ServicerContext,
-                    call: Callable[[Any, str, Callable[[], bool]], Awaitable[Any]]) -> Any:
+                    call: Callable[[Any, str, Callable[[], bool], threading.Event], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         code = "OK"
         self.metrics.received_bytes.labels(method).inc(request.ByteSize())
@@ -141,7 +150,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             if isinstance(request, Malformed):
                 raise request.error()
             async with self.admission.hold(request.ByteSize()):
-                resp = await call(request, current_principal(), context.cancelled)
+                resp = await call(request, current_principal(), context.cancelled, _ended(context))
             self.metrics.sent_bytes.labels(method).inc(_size(resp))
             return resp
         except ServiceError as err:
@@ -160,13 +169,14 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             self.metrics.requests.labels(method, code).inc()
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
 
-    async def compute(self, req: Any, principal: str, cancelled: Callable[[], bool] = lambda: False) -> bytes:
+    async def compute(self, req: Any, principal: str, cancelled: Callable[[], bool] = lambda: False,
+                      stop: threading.Event | None = None) -> bytes:
         """One Compute batch: a whole step on a worker, or a member's slice of a group step, which waits for the
-        other members' slices (``groups``) without holding a worker."""
+        other members' slices (``groups``) without holding a worker. ``stop`` is set when the call ends."""
         session = self.service.session_for(req, principal)
         if session is None or session.spec.group_size == 1:
             return await self.scheduler.run(self.service.compute, req, principal, session_id=_session_id(req),
-                                            cancelled=cancelled)
+                                            cancelled=cancelled, stop=stop)
         part = await self.scheduler.run(self.service.slice_of, req, session, session_id=session.id,
                                         cancelled=cancelled)
         if isinstance(part, bytes):  # the kept answer of the last step
@@ -216,6 +226,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             await context.abort_with_status(to_grpc_status(err))
             return
         principal = current_principal()
+        stop = _ended(context)
         self.open_streams += 1
         self.metrics.open_streams.inc()
         try:
@@ -228,7 +239,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                         if isinstance(req, Malformed):
                             raise req.error()
                         async with self.admission.hold(req.ByteSize()):
-                            resp = await self.compute(req, principal)
+                            resp = await self.compute(req, principal, stop=stop)
                     except NotFound as err:  # stream-level: the stream targets a session that is not there
                         self.metrics.requests.labels(method, err.code_name).inc()
                         await context.abort_with_status(to_grpc_status(err))

@@ -29,19 +29,21 @@ class Limits:
 
     max_batch_elements: int
     memory_budget: int  # bytes of device memory one request may need (estimate); 0: no limit
+    max_compute_seconds: float = 0.0  # estimated compute time one request may need; 0: no limit
+    compute_rate: float = 2e9  # operations per second the estimate assumes
 
 
-def check_compute(cls: type[Loss], raw: Mapping[str, torch.Tensor], limits: Limits,
+def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
                   session: Session | None = None, min_rows: int = 1) -> dict[str, torch.Tensor]:
     """Every check of a Compute batch that needs no loss state: the inputs against the loss's declared inputs and
     the limits; for a session, its width, its memory's need for labels and the memory its state will take; the
     device-memory budget of the batch against every candidate (memory rows included). The loss's own checks follow
     (``Loss.check_inputs``; in a session once its state exists, as they may need it: island's K centres)."""
-    inputs = validate_inputs(cls, raw, max_batch_elements=limits.max_batch_elements, min_rows=min_rows)
+    inputs = validate_inputs(type(loss), raw, max_batch_elements=limits.max_batch_elements, min_rows=min_rows)
     emb = inputs.get("embeddings")
     if session is None:
         if emb is not None:
-            require_budget(cls, emb, emb.shape[0], limits.memory_budget)
+            require_resources(loss, inputs, emb.shape[0], limits)
         return inputs
     if emb is None:
         raise invalid("inputs.embeddings", "required in a session (the head and the memory act on it)")
@@ -50,11 +52,11 @@ def check_compute(cls: type[Loss], raw: Mapping[str, torch.Tensor], limits: Limi
         raise invalid("inputs.labels", "required when the session has a cross-batch memory")
     _require_state_budget(session, int(emb.shape[1]), limits.memory_budget)
     memory = session.state.memory if session.state is not None else None
-    require_budget(cls, emb, emb.shape[0] + (memory.fill if memory is not None else 0), limits.memory_budget)
+    require_resources(loss, inputs, emb.shape[0] + (memory.fill if memory is not None else 0), limits)
     return inputs
 
 
-def check_step(session: Session, inputs: Mapping[str, torch.Tensor], limits: Limits) -> None:
+def check_step(session: Session, loss: Loss, inputs: Mapping[str, torch.Tensor], limits: Limits) -> None:
     """The whole step of a group session (its slices concatenated): rows, size and the device-memory budget."""
     emb = inputs["embeddings"]
     n, d = emb.shape
@@ -64,7 +66,7 @@ def check_step(session: Session, inputs: Mapping[str, torch.Tensor], limits: Lim
         raise ResourceExhausted(f"inputs.embeddings: the step's slices hold {n} x {d} = {n * d} elements, over the "
                                 f"server's max_batch_elements ({limits.max_batch_elements})", field="inputs.embeddings")
     memory = session.state.memory if session.state is not None else None
-    require_budget(session.loss_cls, emb, n + (memory.fill if memory is not None else 0), limits.memory_budget)
+    require_resources(loss, inputs, n + (memory.fill if memory is not None else 0), limits)
 
 
 def check_embed(session: Session, raw: torch.Tensor, limits: Limits) -> torch.Tensor:
@@ -148,27 +150,48 @@ def _dt(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def estimate_bytes(loss_cls: type[Loss], n: int, d: int, m: int, itemsize: int) -> int:
+def estimate_bytes(complexity: str, n: int, d: int, m: int, itemsize: int) -> int:
     """A rough upper estimate of the device memory one batch needs (n anchors, m candidates)."""
     base = 6 * n * d * itemsize
-    if loss_cls.complexity == "n":
+    if complexity == "n":
         return base
     pair = 8 * n * max(m, n) * max(itemsize, 4)  # a handful of n x m matrices (distances, masks, grads)
-    if loss_cls.complexity == "n2d":
+    if complexity == "n2d":
         pair += n * max(m, n) * d * itemsize
-    if loss_cls.complexity == "n3":
+    if complexity == "n3":
         pair += 3 * n * max(m, n) * max(m, n) * max(itemsize, 4)
     return base + pair
 
 
-def require_budget(loss_cls: type[Loss], embeddings: torch.Tensor, candidates: int, budget: int) -> None:
-    """Refuse a batch whose estimated device memory exceeds ``budget`` bytes (0: no limit), before it runs."""
-    n, d = embeddings.shape
-    require_budget_rows(loss_cls, n, d, embeddings.element_size(), candidates, budget)
+def estimate_operations(complexity: str, n: int, d: int, m: int) -> float:
+    """A rough estimate of one batch's arithmetic (the n³ constant is calibrated on the matrix form of
+    weighted_margin_ranking, the slowest loss per n³)."""
+    m = max(m, n)
+    if complexity == "n":
+        return 20.0 * n * d
+    ops = 10.0 * n * m * d + 50.0 * n * m
+    if complexity == "n2d":
+        ops += 20.0 * n * m * d
+    if complexity == "n3":
+        ops += 100.0 * n * m * m
+    return ops
 
 
-def require_budget_rows(loss_cls: type[Loss], n: int, d: int, itemsize: int, candidates: int, budget: int) -> None:
-    need = estimate_bytes(loss_cls, n, d, candidates, itemsize)
+def require_resources(loss: Loss, inputs: Mapping[str, torch.Tensor], candidates: int, limits: Limits) -> None:
+    """Refuse, before it runs, a batch whose estimated device memory exceeds the budget or whose estimated compute
+    time exceeds ``max_compute_seconds``."""
+    emb = inputs["embeddings"]
+    n, d = emb.shape
+    require_budget_rows(loss.memory_complexity(inputs), n, d, emb.element_size(), candidates, limits.memory_budget)
+    seconds = estimate_operations(loss.work_complexity(inputs), n, d, candidates) / limits.compute_rate
+    if limits.max_compute_seconds and seconds > limits.max_compute_seconds:
+        raise ResourceExhausted(
+            f"inputs.embeddings: this batch needs an estimated {seconds:.0f} s of compute, over the server's "
+            f"max_compute_seconds ({limits.max_compute_seconds:g}); send smaller batches", field="inputs.embeddings")
+
+
+def require_budget_rows(complexity: str, n: int, d: int, itemsize: int, candidates: int, budget: int) -> None:
+    need = estimate_bytes(complexity, n, d, candidates, itemsize)
     if budget and need > budget:
         raise ResourceExhausted(
             f"inputs.embeddings: this batch needs about {need / 2**20:.0f} MiB on the device, over the "

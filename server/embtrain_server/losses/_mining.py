@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import cancellation
 from ..errors import invalid
 from ..params import Param
 from .base import ComputeContext, LossOutput, Memory
@@ -107,8 +108,10 @@ def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | 
 
 
 def row_blocks(n: int, m: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """Anchor blocks [s, e) whose distance rows fit the block budget; a cancelled call stops between blocks."""
     rows = max(1, _budget(device) // max(m, 1))
     for s in range(0, n, rows):
+        cancellation.check()
         yield s, min(n, s + rows)
 
 

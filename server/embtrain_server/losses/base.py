@@ -111,6 +111,15 @@ class Loss(ABC):
     def check_params(self) -> None:
         """Cross-parameter checks (e.g. ``max_dist > min_dist``); raise ``InvalidArgument``."""
 
+    def work_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
+        """How this configuration's arithmetic grows with the batch (``complexity``'s vocabulary), for the
+        compute-time estimate; a loss whose cost depends on its parameters or inputs says so here."""
+        return self.complexity
+
+    def memory_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
+        """How this configuration's device memory grows with the batch, for the memory estimate."""
+        return self.complexity
+
     def state_bytes(self, dim: int) -> int:
         """An upper estimate of the device memory of the state this loss builds for embeddings of width ``dim``
         (with its gradients and two optimiser slots), for the memory budget before anything is built."""

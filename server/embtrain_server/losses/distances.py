@@ -23,6 +23,8 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from .. import cancellation
+
 Tensor = torch.Tensor
 
 # n*m*d at or below which matrices and backward sums are computed from explicit differences in float64.
@@ -61,6 +63,7 @@ def pair_sq_dists(x: Tensor, r: Tensor, i: Tensor, j: Tensor) -> Tensor:
     out = torch.empty(i.numel(), dtype=torch.float64, device=x.device)
     step = max(1, _CHUNK_ELEMS // max(x.shape[1], 1))
     for s in range(0, i.numel(), step):
+        cancellation.check()
         e = min(s + step, i.numel())
         diff = x[i[s:e]].to(torch.float64) - r[j[s:e]].to(torch.float64)
         out[s:e] = diff.pow_(2).sum(1)

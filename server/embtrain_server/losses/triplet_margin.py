@@ -65,6 +65,13 @@ class TripletMargin(Loss):
     }
     mines_triplets = True
 
+    def work_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
+        return "n3" if self.miner_for(inputs) == "all" else self.complexity
+
+    def memory_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
+        # miner "all" with no reduction keeps one value per triplet: n·p·q of them
+        return "n3" if self.miner_for(inputs) == "all" and self.returns_per_item else self.complexity
+
     def miner_for(self, inputs: Mapping[str, torch.Tensor]) -> str:
         miner = self.params["miner"]
         if miner is not None:

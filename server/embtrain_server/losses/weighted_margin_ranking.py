@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import cancellation
 from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, ComputeContext, InputSpec, Loss, LossOutput, register
@@ -61,6 +62,10 @@ class WeightedMarginRankingLoss(Loss):
     ))
     mines_triplets = True
     complexity = "n2"
+
+    def work_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
+        gt = inputs.get("gt_distances")
+        return "n3" if gt is not None and gt.dim() == 2 else "n2"  # the matrix form: every row is an anchor
 
     def check_params(self) -> None:
         if not self.params["max_dist"] > self.params["min_dist"]:
@@ -125,6 +130,7 @@ class WeightedMarginRankingLoss(Loss):
             setup = _AnchorSetup(g_all[sl], valid_all[sl], p)
             sq_a = sq64[sl]
             for r0 in range(0, n, rows):
+                cancellation.check()  # O(n³) in the matrix form: a cancelled call stops between blocks
                 rs = slice(r0, r0 + rows)
                 pairs, w = setup.pairs(rs, p)
                 ell = sq_a[:, rs, None] - sq_a[:, None, :] + w
