@@ -615,3 +615,28 @@ def test_cancellation_stops_a_loss_between_its_blocks() -> None:
         compute.run(loss, {"embeddings": x, "gt_distances": gt}, device=torch.device("cpu"))
     with cancellation.scope(threading.Event()):
         assert np.isfinite(compute.run(loss, {"embeddings": x, "gt_distances": gt}, device=torch.device("cpu")).loss)
+
+
+def test_requests_that_may_carry_large_parameters_are_parsed_on_a_worker(make_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A stateless Compute's loss spec and a CreateSession's configuration can be arbitrarily large Structs:
+    they are parsed on a worker thread, never on the event loop that serves every other client."""
+    from embtrain_server import servicer as servicer_mod
+
+    threads: list[str] = []
+    parse = servicer_mod.Unparsed.parse
+
+    def recording(self):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return parse(self)
+
+    monkeypatch.setattr(servicer_mod.Unparsed, "parse", recording)
+    h: ServerHandle = make_server()
+    with h.client() as c:
+        params = {"margin": 0.3, **{f"unused_{i}": i for i in range(3)}}
+        with pytest.raises(embtrain.InvalidArgument, match="unused_0"):
+            c.compute(*batch(), loss="batch_hard_triplet", params=params)
+        assert np.isfinite(c.compute(*batch(), loss="batch_hard_triplet", params={"margin": 0.3}).loss)
+        c.create_session("batch_hard_triplet", {"margin": 0.3})
+        results = list(c.compute_stream([batch()], loss="batch_hard_triplet"))
+        assert results[0].ok
+    assert len(threads) == 4 and all(name.startswith("embtrain-worker") for name in threads), threads

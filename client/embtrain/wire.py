@@ -250,6 +250,28 @@ def encode_compute_request(msg: pb.ComputeRequest, inputs: Mapping[str, Any]) ->
     return encode(msg, {REQUEST_INPUTS: inputs}, names={REQUEST_INPUTS: "inputs"})
 
 
+_REQUEST_ID = _number(pb.ComputeRequest, "request_id")
+_REQUEST_TARGETS = {_number(pb.ComputeRequest, "session_id"): "session_id", _number(pb.ComputeRequest, "loss"): "loss"}
+
+
+def compute_request_head(data: bytes) -> tuple[str | None, str]:
+    """(which member of the ``target`` oneof is set: "session_id", "loss" or None; the request id) of a
+    ComputeRequest's bytes, by walking the top-level tags without parsing any other field (the last occurrence
+    wins, as in protobuf). Raises ``WireError`` for bytes that are no message."""
+    buf = memoryview(data).cast("B")
+    end, i, target, request_id = len(buf), 0, None, ""
+    while i < end:
+        tag, i = _read_varint(buf, i, end)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == _LEN and number == _REQUEST_ID:
+            n, start = _read_varint(buf, i, end)
+            request_id = str(buf[start:start + n], "utf-8", "replace")
+        elif wire_type == _LEN:
+            target = _REQUEST_TARGETS.get(number, target)
+        i = _skip(buf, i, end, wire_type)
+    return target, request_id
+
+
 def parse_compute_request(data: bytes) -> WireRequest:
     """ComputeRequest bytes -> ``WireRequest``. Raises ``WireError`` for bytes that are no such message."""
     msg, maps, _ = decode(data, pb.ComputeRequest, frozenset({REQUEST_INPUTS}))
@@ -270,6 +292,6 @@ def decode_compute_response(data: bytes) -> tuple[pb.ComputeResponse, dict[str, 
     return msg, maps[RESPONSE_GRADIENTS], {RESPONSE_TENSORS[n]: t for n, t in fields.items()}
 
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "RESPONSE_GRADIENTS", "RESPONSE_TENSORS", "REQUEST_INPUTS", "TensorError",
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "compute_request_head", "RESPONSE_GRADIENTS", "RESPONSE_TENSORS", "REQUEST_INPUTS", "TensorError",
            "WireError", "WireRequest", "WireTensor", "decode", "decode_compute_response", "encode",
            "encode_compute_request", "encode_compute_response", "parse_compute_request"]

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -37,6 +37,7 @@ from .streams import Draining, StreamPump
 from .translate import to_grpc_status, to_status_proto
 
 log = logging.getLogger("embtrain.servicer")
+T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingTrainer"]
 DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
 DRAINED_STREAM_MESSAGE = "the server is shutting down; the batches answered so far are applied"
@@ -69,12 +70,40 @@ def _parser(cls: type[Message]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _parse_compute(data: bytes) -> wire.WireRequest | Malformed:
-    """ComputeRequest with its tensors left in the received bytes (the service decodes them as views)."""
+@dataclass(frozen=True)
+class Unparsed:
+    """Request bytes whose parsing waits for a worker: a message that may carry an arbitrarily large parameter
+    Struct (a stateless Compute's loss spec, a CreateSession's configuration) is not parsed on the event loop."""
+
+    data: bytes
+    type_name: str
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf spelling, so metrics treat both alike
+        return len(self.data)
+
+    def parse(self) -> Any:
+        try:
+            if self.type_name == pb.ComputeRequest.DESCRIPTOR.full_name:
+                return wire.parse_compute_request(self.data)
+            return pb.CreateSessionRequest.FromString(self.data)
+        except (wire.WireError, DecodeError, ValueError, RuntimeError):
+            raise Malformed(self.type_name, len(self.data)).error() from None
+
+
+def _parse_compute(data: bytes) -> wire.WireRequest | Unparsed | Malformed:
+    """ComputeRequest with its tensors left in the received bytes (the service decodes them as views). A stateless
+    one needs no session order, so it is parsed on its worker."""
+    name = pb.ComputeRequest.DESCRIPTOR.full_name
     try:
+        if wire.compute_request_head(data)[0] == "loss":
+            return Unparsed(data, name)
         return wire.parse_compute_request(data)
     except wire.WireError:
-        return Malformed(pb.ComputeRequest.DESCRIPTOR.full_name, len(data))
+        return Malformed(name, len(data))
+
+
+def _parse_later(data: bytes) -> Unparsed:
+    return Unparsed(data, pb.CreateSessionRequest.DESCRIPTOR.full_name)
 
 
 def _serialize(resp: Message | bytes) -> bytes:
@@ -96,8 +125,8 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
         fast = req_cls is pb.ComputeRequest
-        handlers[m.name] = make(getattr(servicer, m.name),
-                                request_deserializer=_parse_compute if fast else _parser(req_cls),
+        parse = _parse_compute if fast else _parse_later if req_cls is pb.CreateSessionRequest else _parser(req_cls)
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=parse,
                                 response_serializer=_serialize if fast else resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
@@ -111,9 +140,23 @@ def _ended(context: grpc.aio.ServicerContext) -> threading.Event:
     return ended
 
 
+def _request_id(req: Any) -> str:
+    """The request id to echo in an in-band error (an unparsed request's, read from its bytes)."""
+    if isinstance(req, Unparsed):
+        return wire.compute_request_head(req.data)[1]  # checked when it arrived: the walk cannot fail
+    return str(getattr(req, "request_id", ""))
+
+
+def _parsed_first(handler: Callable[[Any, str], T]) -> Callable[[Any, str], T]:
+    """``handler`` taking a request that may still be ``Unparsed`` (parsed here, on the worker)."""
+    def run(request: Any, principal: str) -> T:
+        return handler(request.parse() if isinstance(request, Unparsed) else request, principal)
+    return run
+
+
 def _session_id(request: Any) -> str | None:
     """The session whose order a request joins (None: it needs none)."""
-    if isinstance(request, Malformed):
+    if isinstance(request, (Malformed, Unparsed)):
         return None
     if isinstance(request, (pb.ComputeRequest, wire.WireRequest)):
         return request.session_id if request.WhichOneof("target") == "session_id" else None
@@ -135,8 +178,8 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
     def on_worker(self, handler: Callable[[Any, str], Any]) -> Callable[..., Awaitable[Any]]:
         """A service handler run by the scheduler (under the session's order when the request names one)."""
         async def call(request: Any, principal: str, cancelled: Callable[[], bool], stop: threading.Event) -> Any:
-            return await self.scheduler.run(handler, request, principal, session_id=_session_id(request),
-                                            cancelled=cancelled, stop=stop)
+            return await self.scheduler.run(_parsed_first(handler), request, principal,
+                                            session_id=_session_id(request), cancelled=cancelled, stop=stop)
         return call
 
     async def unary(self, method: str, request: Any, context: grpc.aio.ServicerContext,
@@ -173,6 +216,8 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                       stop: threading.Event | None = None) -> bytes:
         """One Compute batch: a whole step on a worker, or a member's slice of a group step, which waits for the
         other members' slices (``groups``) without holding a worker. ``stop`` is set when the call ends."""
+        if isinstance(req, Unparsed):  # stateless: parsed, computed and answered on a worker
+            return await self.scheduler.run(_parsed_first(self.service.compute), req, principal, stop=stop)
         session = self.service.session_for(req, principal)
         if session is None or session.spec.group_size == 1:
             return await self.scheduler.run(self.service.compute, req, principal, session_id=_session_id(req),
@@ -245,9 +290,8 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                         await context.abort_with_status(to_grpc_status(err))
                     except Exception as err:  # noqa: BLE001 - a bad batch must not end the stream or the server
                         if not isinstance(err, ServiceError):
-                            log.exception("ComputeStream batch %r failed", getattr(req, "request_id", ""))
-                        resp = pb.ComputeResponse(request_id=getattr(req, "request_id", ""),
-                                                  error=to_status_proto(err))
+                            log.exception("ComputeStream batch %r failed", _request_id(req))
+                        resp = pb.ComputeResponse(request_id=_request_id(req), error=to_status_proto(err))
                     code = "OK" if isinstance(resp, bytes) else status_code(resp.error.code).name
                     self.metrics.requests.labels(method, code).inc()
                     self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
