@@ -640,3 +640,20 @@ def test_requests_that_may_carry_large_parameters_are_parsed_on_a_worker(make_se
         results = list(c.compute_stream([batch()], loss="batch_hard_triplet"))
         assert results[0].ok
     assert len(threads) == 4 and all(name.startswith("embtrain-worker") for name in threads), threads
+
+
+def test_torch_losses_are_estimated_from_their_own_inputs(make_server) -> None:  # type: ignore[no-untyped-def]
+    """CTCLoss with T = S = 12000 from a quarter megabyte builds tables of N x T x (2S + 1) entries (gigabytes): it
+    is refused against a 256 MiB budget before it runs; a short sequence of the same kind runs."""
+    h: ServerHandle = make_server(memory_budget_bytes=256 * 2**20)
+
+    def ctc(t: int) -> dict[str, np.ndarray]:
+        lp = np.log(np.full((t, 1, 2), 0.5, np.float32))
+        return {"log_probs": lp, "targets": np.ones((1, t), np.int64), "input_lengths": np.array([t]),
+                "target_lengths": np.array([t // 3])}
+
+    with h.client() as c:
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            c.compute(loss="torch.CTCLoss", params={"zero_infinity": True}, **ctc(12000))
+        assert info.value.fields == ["inputs"]
+        assert np.isfinite(c.compute(loss="torch.CTCLoss", params={"zero_infinity": True}, **ctc(60)).loss)

@@ -44,6 +44,8 @@ def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
     if session is None:
         if emb is not None:
             require_resources(loss, inputs, emb.shape[0], limits)
+        elif (footprint := loss.footprint(inputs)) is not None:
+            _require_within(*footprint, limits)
         return inputs
     if emb is None:
         raise invalid("inputs.embeddings", "required in a session (the head and the memory act on it)")
@@ -183,11 +185,24 @@ def require_resources(loss: Loss, inputs: Mapping[str, torch.Tensor], candidates
     emb = inputs["embeddings"]
     n, d = emb.shape
     require_budget_rows(loss.memory_complexity(inputs), n, d, emb.element_size(), candidates, limits.memory_budget)
-    seconds = estimate_operations(loss.work_complexity(inputs), n, d, candidates) / limits.compute_rate
+    _require_time(estimate_operations(loss.work_complexity(inputs), n, d, candidates), limits, "inputs.embeddings")
+
+
+def _require_within(nbytes: int, ops: float, limits: Limits) -> None:
+    """A batch without embeddings (a ``torch.*`` loss's own inputs), by the loss's own footprint."""
+    if limits.memory_budget and nbytes > limits.memory_budget:
+        raise ResourceExhausted(f"inputs: this batch needs about {nbytes / 2**20:.0f} MiB on the device, over the "
+                                f"budget of {limits.memory_budget / 2**20:.0f} MiB; send smaller batches",
+                                field="inputs")
+    _require_time(ops, limits, "inputs")
+
+
+def _require_time(ops: float, limits: Limits, field: str) -> None:
+    seconds = ops / limits.compute_rate
     if limits.max_compute_seconds and seconds > limits.max_compute_seconds:
         raise ResourceExhausted(
-            f"inputs.embeddings: this batch needs an estimated {seconds:.0f} s of compute, over the server's "
-            f"max_compute_seconds ({limits.max_compute_seconds:g}); send smaller batches", field="inputs.embeddings")
+            f"{field}: this batch needs an estimated {seconds:.0f} s of compute, over the server's "
+            f"max_compute_seconds ({limits.max_compute_seconds:g}); send smaller batches", field=field)
 
 
 def require_budget_rows(complexity: str, n: int, d: int, itemsize: int, candidates: int, budget: int) -> None:

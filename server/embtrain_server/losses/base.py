@@ -120,6 +120,12 @@ class Loss(ABC):
         """How this configuration's device memory grows with the batch, for the memory estimate."""
         return self.complexity
 
+    def footprint(self, inputs: Mapping[str, torch.Tensor]) -> tuple[int, float] | None:
+        """(device bytes, arithmetic operations) of a batch that has no ``embeddings`` (a ``torch.*`` loss's own
+        inputs), for the memory and compute-time estimates; None: the estimate follows ``complexity`` from the
+        embeddings."""
+        return None
+
     def state_bytes(self, dim: int) -> int:
         """An upper estimate of the device memory of the state this loss builds for embeddings of width ``dim``
         (with its gradients and two optimiser slots), for the memory budget before anything is built."""

@@ -470,6 +470,22 @@ class _TorchLoss(Loss):
     complexity = "n"
     _row: ClassVar[_Row]
 
+    def footprint(self, inputs: Mapping[str, torch.Tensor]) -> tuple[int, float] | None:
+        """Elementwise losses: a handful of input-sized temporaries; CTC adds its forward and backward tables of
+        N x T x (2S + 1) entries (S the longest target)."""
+        elements = sum(t.numel() for t in inputs.values())
+        nbytes, ops = 8 * 8 * elements, 20.0 * elements
+        if self._row.cls is torch.nn.CTCLoss and "log_probs" in inputs and "target_lengths" in inputs:
+            lp, targets, lengths = inputs["log_probs"], inputs.get("targets"), inputs["target_lengths"]
+            t_len = lp.shape[0]
+            batch = lp.shape[1] if lp.dim() == 3 else 1
+            longest = int(targets.shape[1]) if targets is not None and targets.dim() == 2 else \
+                int(lengths.max()) if lengths.numel() else 0
+            table = batch * t_len * (2 * longest + 1)
+            nbytes += 3 * 8 * table
+            ops += 30.0 * table
+        return nbytes, ops
+
     def check_params(self) -> None:
         if self._row.cls.__name__ in _POSITIVE_MARGIN and self.params["margin"] <= 0:
             raise invalid("params.margin", f"expected a number > 0, got {self.params['margin']!r}")
