@@ -657,3 +657,17 @@ def test_torch_losses_are_estimated_from_their_own_inputs(make_server) -> None: 
             c.compute(loss="torch.CTCLoss", params={"zero_infinity": True}, **ctc(12000))
         assert info.value.fields == ["inputs"]
         assert np.isfinite(c.compute(loss="torch.CTCLoss", params={"zero_infinity": True}, **ctc(60)).loss)
+
+
+def test_a_sessions_head_counts_in_the_compute_time_estimate(make_server) -> None:  # type: ignore[no-untyped-def]
+    """A head of 2000 layers makes a small batch expensive: past a 1 s limit it is refused before it runs and the
+    session's width stays free; the same batch on a session without a head runs."""
+    h: ServerHandle = make_server(max_compute_seconds=1.0)
+    x, y = batch()
+    deep = [{"type": "linear", "out_dim": 64}] * 2000
+    with h.client() as c:
+        s = c.create_session("batch_hard_triplet", head=deep)
+        with pytest.raises(embtrain.ResourceExhausted) as info:
+            s.compute(np.repeat(x, 16, axis=0), np.repeat(y, 16))
+        assert info.value.fields == ["inputs.embeddings"] and s.info().step == 0
+        assert c.create_session("batch_hard_triplet").compute(np.repeat(x, 16, axis=0), np.repeat(y, 16)).step == 1

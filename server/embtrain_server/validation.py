@@ -54,7 +54,8 @@ def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
         raise invalid("inputs.labels", "required when the session has a cross-batch memory")
     _require_state_budget(session, int(emb.shape[1]), limits.memory_budget)
     memory = session.state.memory if session.state is not None else None
-    require_resources(loss, inputs, emb.shape[0] + (memory.fill if memory is not None else 0), limits)
+    require_resources(loss, inputs, emb.shape[0] + (memory.fill if memory is not None else 0), limits,
+                      head_ops(session.spec, emb))
     return inputs
 
 
@@ -68,7 +69,15 @@ def check_step(session: Session, loss: Loss, inputs: Mapping[str, torch.Tensor],
         raise ResourceExhausted(f"inputs.embeddings: the step's slices hold {n} x {d} = {n * d} elements, over the "
                                 f"server's max_batch_elements ({limits.max_batch_elements})", field="inputs.embeddings")
     memory = session.state.memory if session.state is not None else None
-    require_resources(loss, inputs, n + (memory.fill if memory is not None else 0), limits)
+    require_resources(loss, inputs, n + (memory.fill if memory is not None else 0), limits, head_ops(session.spec, emb))
+
+
+def head_ops(spec: SessionSpec, embeddings: torch.Tensor) -> float:
+    """The head's forward and backward arithmetic on a batch (a deep or wide head costs as much as the loss), with
+    a fixed cost per layer for the dispatch of its forward and backward."""
+    n, d = embeddings.shape
+    layers = sum(len(item.get("hidden", [])) + 1 for item in spec.head)
+    return 6.0 * n * head_parameters(spec, int(d))[0] + 2e5 * layers
 
 
 def check_embed(session: Session, raw: torch.Tensor, limits: Limits) -> torch.Tensor:
@@ -179,13 +188,15 @@ def estimate_operations(complexity: str, n: int, d: int, m: int) -> float:
     return ops
 
 
-def require_resources(loss: Loss, inputs: Mapping[str, torch.Tensor], candidates: int, limits: Limits) -> None:
+def require_resources(loss: Loss, inputs: Mapping[str, torch.Tensor], candidates: int, limits: Limits,
+                      extra_ops: float = 0.0) -> None:
     """Refuse, before it runs, a batch whose estimated device memory exceeds the budget or whose estimated compute
-    time exceeds ``max_compute_seconds``."""
+    time (the loss's, plus ``extra_ops``: a session's head) exceeds ``max_compute_seconds``."""
     emb = inputs["embeddings"]
     n, d = emb.shape
     require_budget_rows(loss.memory_complexity(inputs), n, d, emb.element_size(), candidates, limits.memory_budget)
-    _require_time(estimate_operations(loss.work_complexity(inputs), n, d, candidates), limits, "inputs.embeddings")
+    _require_time(estimate_operations(loss.work_complexity(inputs), n, d, candidates) + extra_ops, limits,
+                  "inputs.embeddings")
 
 
 def _require_within(nbytes: int, ops: float, limits: Limits) -> None:
@@ -213,16 +224,22 @@ def require_budget_rows(complexity: str, n: int, d: int, itemsize: int, candidat
             f"budget of {budget / 2**20:.0f} MiB; send smaller batches", field="inputs.embeddings")
 
 
-def state_bytes(spec: SessionSpec, in_dim: int) -> int:
-    """An upper estimate of the device memory a session's state takes for embeddings of width ``in_dim``: head
-    parameters with their gradients and two optimiser slots each, the loss's state (island's centres, PML's
-    classifier weights) and the memory bank."""
+def head_parameters(spec: SessionSpec, in_dim: int) -> tuple[int, int]:
+    """(parameters, output width) of a session's head for embeddings of width ``in_dim``."""
     params, dim = 0, in_dim
     for item in spec.head:
         widths = [*item.get("hidden", []), item["out_dim"]] if "out_dim" in item else []
         for width in widths:
             params += dim * width + width
             dim = width
+    return params, dim
+
+
+def state_bytes(spec: SessionSpec, in_dim: int) -> int:
+    """An upper estimate of the device memory a session's state takes for embeddings of width ``in_dim``: head
+    parameters with their gradients and two optimiser slots each, the loss's state (island's centres, PML's
+    classifier weights) and the memory bank."""
+    params, dim = head_parameters(spec, in_dim)
     bank = spec.memory_size * (dim * 8 + 16)  # float64 rows at most, label and id
     loss = losses.get(spec.loss)(spec.params)
     return 4 * params * 8 + loss.state_bytes(dim) + bank
