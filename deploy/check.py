@@ -48,6 +48,7 @@ EXPORTED_METRICS: dict[str, str] = {
     "embtrain_stream_pending_batches": "gauge",
     "embtrain_worker_calls": "gauge",
     "embtrain_admitted_request_bytes": "gauge",
+    "embtrain_working_memory_bytes": "gauge",
     "embtrain_unloaded_checkpoints": "gauge",
     "embtrain_group_slices_total": "counter",
     "embtrain_group_steps_total": "counter",

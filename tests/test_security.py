@@ -671,3 +671,39 @@ def test_a_sessions_head_counts_in_the_compute_time_estimate(make_server) -> Non
             s.compute(np.repeat(x, 16, axis=0), np.repeat(y, 16))
         assert info.value.fields == ["inputs.embeddings"] and s.info().step == 0
         assert c.create_session("batch_hard_triplet").compute(np.repeat(x, 16, axis=0), np.repeat(y, 16)).step == 1
+
+
+def test_batches_compute_together_only_while_their_working_memory_fits(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Three workers, and batches whose estimated working memory is more than half the budget: they compute one at
+    a time (never two forwards at once), and all are answered."""
+    h: ServerHandle = make_server(workers=3, memory_budget_bytes=4 * 2**20)
+    cls = losses.get("batch_hard_triplet")
+    original = cls.forward
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def forward(loss, inputs, ctx):  # type: ignore[no-untyped-def]
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)  # long enough for the other workers to try
+            return original(loss, inputs, ctx)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    cls.forward = forward  # type: ignore[method-assign]
+    try:
+        x, y = batch(n=256, d=64)
+        results: list[Any] = []
+        with h.client() as c:
+            threads = [threading.Thread(target=lambda: results.append(c.compute(x, y, loss="batch_hard_triplet")))
+                       for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+    finally:
+        cls.forward = original  # type: ignore[method-assign]
+    assert len(results) == 6 and peak[0] == 1
+    assert gauge(h, "embtrain_working_memory_bytes") == 0

@@ -57,6 +57,8 @@ class Metrics:
                                     "Stream batches received and not yet answered, over all streams", registry=r)
         self.admitted_bytes = Gauge("embtrain_admitted_request_bytes", "Bytes of the requests admitted and not yet "
                                     "answered (against the memory budget)", registry=r)
+        self.working_bytes = Gauge("embtrain_working_memory_bytes", "Estimated device memory of the batches "
+                                   "computing now (against the memory budget)", registry=r)
         self.worker_calls = Gauge("embtrain_worker_calls", "Calls handed to the worker threads and not finished "
                                   "(queued or running)", registry=r)
         self.checkpoints = Counter("embtrain_checkpoints", "Checkpoint writes, by result", ["result"], registry=r)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -123,4 +123,33 @@ class Admission:
             async with self._changed:
                 self.in_flight -= nbytes
                 self.metrics.admitted_bytes.set(self.in_flight)
+                self._changed.notify_all()
+
+
+class WorkingMemory:
+    """The estimated working memory of the batches computing at the same time (several workers share a GPU)
+    against the memory budget: a batch waits on its worker until the running ones leave room for it. Each batch
+    alone fits (``validation`` refused any that does not), so the first to find the device idle always runs."""
+
+    def __init__(self, budget: int, metrics: Metrics) -> None:
+        self.budget = budget
+        self.metrics = metrics
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(nbytes, self.budget) if self.budget else 0
+        with self._changed:
+            while self.in_use and self.in_use + nbytes > self.budget:
+                self._changed.wait(0.05)
+                cancellation.check()  # a caller that gives up while its batch waits frees the worker
+            self.in_use += nbytes
+            self.metrics.working_bytes.set(self.in_use)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= nbytes
+                self.metrics.working_bytes.set(self.in_use)
                 self._changed.notify_all()

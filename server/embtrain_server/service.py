@@ -29,6 +29,7 @@ from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unav
 from .losses.base import Loss
 from .metrics import Metrics
 from .persistence import Checkpointer
+from .scheduler import WorkingMemory
 from .sessions import Session, SessionStore, parse_spec
 
 
@@ -93,6 +94,7 @@ class Service:
         self.limits = validation.Limits(
             config.max_batch_elements, config.memory_budget_bytes or int(0.8 * devices.memory_total(device)),
             config.max_compute_seconds, config.compute_rate or (2e9 if device.type == "cpu" else 2e12))
+        self.working = WorkingMemory(self.limits.memory_budget, metrics)
         losses.load_all()
 
     # ---- Compute -----------------------------------------------------------------------------------------
@@ -182,7 +184,11 @@ class Service:
         inputs, offsets = groups.concatenate(slices)
         validation.check_step(session, self.loss_of(session), inputs, self.limits)
         started = time.perf_counter()
-        with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this step"):
+        memory = session.state.memory if session.state is not None else None
+        need = validation.working_bytes(self.loss_of(session), inputs,
+                                        len(inputs["embeddings"]) + (memory.fill if memory is not None else 0))
+        with self.working.hold(need), \
+                self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this step"):
             pending = training.prepare(session, inputs, options, self.config.compute_dtype)
             try:
                 results = groups.split(pending.result, slices, offsets)
@@ -208,7 +214,9 @@ class Service:
         if loss.stateful and "embeddings" in inputs:
             validation.require_loss_state_budget(loss, int(inputs["embeddings"].shape[1]), self.limits.memory_budget)
         started = time.perf_counter()
-        with self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
+        rows = len(inputs["embeddings"]) if "embeddings" in inputs else 0
+        with self.working.hold(validation.working_bytes(loss, inputs, rows)), \
+                self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
             self.prepare_stateless(loss, inputs)
             result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
                                  options=options)

@@ -216,6 +216,16 @@ def _require_time(ops: float, limits: Limits, field: str) -> None:
             f"max_compute_seconds ({limits.max_compute_seconds:g}); send smaller batches", field=field)
 
 
+def working_bytes(loss: Loss, inputs: Mapping[str, torch.Tensor], candidates: int) -> int:
+    """The estimated device memory of a validated batch while it computes."""
+    emb = inputs.get("embeddings")
+    if emb is None:
+        footprint = loss.footprint(inputs)
+        return footprint[0] if footprint is not None else 0
+    n, d = emb.shape
+    return estimate_bytes(loss.memory_complexity(inputs), n, d, candidates, emb.element_size())
+
+
 def require_budget_rows(complexity: str, n: int, d: int, itemsize: int, candidates: int, budget: int) -> None:
     need = estimate_bytes(complexity, n, d, candidates, itemsize)
     if budget and need > budget:
