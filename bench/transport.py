@@ -411,7 +411,7 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     from embtrain_server.config import ServerConfig
     from embtrain_server.metrics import Metrics
     from embtrain_server.persistence import Checkpointer
-    from embtrain_server.service import Service, decode_inputs
+    from embtrain_server.batches import Batches, decode_inputs
     from embtrain_server.steps import encode_result
     from embtrain_server.sessions import SessionStore
 
@@ -419,7 +419,7 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
     client = sdk.Client.__new__(sdk.Client)  # only _request is used: no channel
     config, dev = ServerConfig(persist=False, device=device), torch.device(device)
     store, metrics = SessionStore(dev), Metrics(dev)
-    service = Service(config, dev, store, Checkpointer(config, store, metrics), metrics)
+    service = Batches(config, dev, store, Checkpointer(config, store, metrics), metrics)
     build = lambda: client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,  # noqa: E731
                                     triplets=True, max_triplets=0, per_item_losses=False)[1]
     wire_req = build()
@@ -442,7 +442,7 @@ def profile(loss: str, params: dict[str, Any], device: str, n: int, d: int, dtyp
         "server: compute.run (= in-process)": lambda: local(inputs),
         "server: encode_result (tensors framed by hand)": lambda: encode_result("id", result, 0),
         "client: _result (views; torch results copied once)": lambda: sdk._result(wire_resp, lambda _: dec),
-        "server: whole Service.compute": lambda: service.compute(parsed, "bench"),
+        "server: whole Batches.compute": lambda: service.compute(parsed, "bench"),
     }
     for fn in stages.values():
         fn()

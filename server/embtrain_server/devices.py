@@ -1,11 +1,15 @@
-"""The compute device: which one the server uses, how much memory it has, and giving cached memory back after an
-allocation failure."""
+"""The compute device: which one the server uses, how much memory it has, and what an allocation failure on it
+becomes (RESOURCE_EXHAUSTED, with the cached memory given back)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
+
+from .errors import ResourceExhausted, is_out_of_memory
 
 
 def resolve(spec: str) -> torch.device:
@@ -32,3 +36,16 @@ def release_cached(device: torch.device) -> None:
     """After an out-of-memory failure: hand the caching allocator's free blocks back (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def out_of_memory(device: torch.device, field: str, what: str) -> Iterator[None]:
+    """An allocation failure inside is RESOURCE_EXHAUSTED naming ``field`` (torch.OutOfMemoryError on CUDA, the CPU
+    allocator's RuntimeError), after the cached memory is given back."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        release_cached(device)
+        raise ResourceExhausted(f"{field}: {what}; send smaller batches", field=field) from None

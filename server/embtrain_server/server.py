@@ -24,6 +24,7 @@ from .identity import IdentityInterceptor
 from .metrics import Metrics
 from .persistence import Checkpointer
 from .scheduler import Scheduler
+from .batches import Batches
 from .service import Service
 from .servicer import Servicer, add_to_server
 from .sessions import SessionStore
@@ -133,7 +134,8 @@ async def start(config: ServerConfig) -> RunningServer:
     metrics.open_sessions.set(len(store))
     scheduler = Scheduler(config.worker_threads(device.type), metrics)
     service = Service(config, device, store, checkpointer, metrics)
-    servicer = Servicer(service, scheduler, config, metrics)
+    batches = Batches(config, device, store, checkpointer, metrics)
+    servicer = Servicer(service, batches, scheduler, config, metrics)
     identity = IdentityInterceptor(auth, SERVICE_NAME, mtls=bool(config.tls_client_ca), metrics=metrics)
     server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=None, interceptors=(identity,))
     add_to_server(servicer, server)

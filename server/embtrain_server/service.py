@@ -1,35 +1,29 @@
-"""Transport-agnostic request handlers: ``(request message, principal) -> response message``.
-
-Each handler decodes (wire -> CPU tensors), validates (``validation``), finds the loss or session, computes
-(``compute`` stateless, ``training`` for a session) and encodes the answer (``embtrain.wire``). Handlers are
-synchronous and run on worker threads (``scheduler``), a session's one at a time; the servicer owns gRPC.
+"""Transport-agnostic handlers of the session and catalog RPCs: ``(request message, principal) -> response``:
+CreateSession, GetSession, ListSessions, CloseSession, SaveCheckpoint, Embed, ExportModel, ListLosses. (Compute is
+``batches``.) Synchronous, on worker threads (``scheduler``), a session's one at a time; the servicer owns gRPC.
 Nothing here imports ``grpc``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
-import uuid
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from google.protobuf import json_format, struct_pb2
 from safetensors.torch import save as st_save
 
-from embtrain import codec, wire
+from embtrain import codec
 from embtrain.structs import struct_to_dict, value_to_python
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import compute, devices, groups, losses, optim, steps, training, validation
+from . import devices, losses, optim, training, validation
+from .batches import decode_inputs
 from .config import ServerConfig
-from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, invalid, is_out_of_memory
+from .errors import FailedPrecondition, Unavailable, invalid
 from .losses.base import Loss
 from .metrics import Metrics
 from .persistence import Checkpointer
-from .scheduler import WorkingMemory
 from .sessions import Session, SessionStore, parse_spec
 
 
@@ -47,27 +41,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
-
-
-# Tensors viewed in the request bytes start wherever the framing put them. Kernels take different code paths (and
-# summation orders) for differently aligned data, so a view that is not aligned like a fresh allocation is copied:
-# the same batch gives the same bits whatever the length of the fields before it.
-ALIGNMENT = 64
-
-
-def decode_inputs(inputs: Mapping[str, Any], prefix: str = "inputs") -> dict[str, torch.Tensor]:
-    """Tensor fields -> CPU tensors (views of the request bytes where they are aligned, aligned copies otherwise)."""
-    out = {}
-    for name in sorted(inputs):
-        try:
-            t = codec.decode_torch(inputs[name], f"{prefix}.{name}")
-            out[name] = t.clone() if t.numel() and t.data_ptr() % ALIGNMENT else t
-        except codec.TensorError as exc:
-            raise InvalidArgument(str(exc), field=exc.field) from None
-        except RuntimeError:  # a zero-size shape whose other dimensions overflow torch's size arithmetic
-            shape = list(inputs[name].shape)
-            raise invalid(f"{prefix}.{name}.shape", f"dimensions too large to address, got {shape}") from None
-    return out
 
 
 def loss_info(cls: type[Loss]) -> pb.LossInfo:
@@ -91,170 +64,10 @@ class Service:
         self.store = store
         self.checkpointer = checkpointer
         self.metrics = metrics
-        self.limits = validation.Limits(
-            config.max_batch_elements, config.memory_budget_bytes or int(0.8 * devices.memory_total(device)),
-            config.max_compute_seconds, config.compute_rate or (2e9 if device.type == "cpu" else 2e12))
-        self.working = WorkingMemory(self.limits.memory_budget, metrics)
+        self.limits = validation.limits_for(config, device)
         losses.load_all()
 
     # ---- Compute -----------------------------------------------------------------------------------------
-    def options(self, req: pb.ComputeRequest) -> compute.ComputeOptions:
-        o = req.options
-        limit = self.config.max_triplets_limit
-        if o.max_triplets < 0 or o.max_triplets > limit:
-            raise invalid("options.max_triplets", f"expected 0 (server default) to {limit}, got {o.max_triplets}")
-        return compute.ComputeOptions(
-            gradient=o.gradient if o.HasField("gradient") else True,
-            triplets=o.triplets if o.HasField("triplets") else True,
-            max_triplets=o.max_triplets or self.config.default_max_triplets,
-            per_item=o.per_item_losses)
-
-    def session_for(self, req: pb.ComputeRequest, principal: str) -> Session | None:
-        """The session a request targets (None for stateless). Raises NotFound / InvalidArgument."""
-        target = req.WhichOneof("target")
-        if target == "session_id":
-            return self.store.get(req.session_id, principal)
-        if target is None:
-            raise invalid("target", "set either session_id or loss (an inline loss spec)")
-        return None
-
-    def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str) -> bytes:
-        """One batch that is a whole step (stateless, or a session of group size 1) -> the ComputeResponse's
-        bytes. ``req`` is a parsed message or, on the server's fast path, a ``WireRequest`` whose tensors view the
-        received bytes. A session batch runs under the session's order (the caller's scheduler)."""
-        session = self.session_for(req, principal)
-        if session is None:
-            return self.compute_stateless(req, req.request_id or uuid.uuid4().hex, self.options(req))
-        part = self.slice_of(req, session)
-        if isinstance(part, bytes):
-            return part
-        return self.commit_step(session, [part])[part.rank]
-
-    def slice_of(self, req: pb.ComputeRequest | wire.WireRequest, session: Session) -> bytes | groups.Slice:
-        """A session batch checked as one member's slice of a step: the kept answer's bytes for a resend of the
-        last applied step, or the validated slice."""
-        request_id = req.request_id or uuid.uuid4().hex
-        options = self.options(req)
-        size = session.spec.group_size
-        step = req.step if req.HasField("step") else None
-        rank = req.rank if req.HasField("rank") else None
-        if size > 1:
-            if rank is None or not 0 <= rank < size:
-                raise invalid("rank", f"expected 0 <= rank < {size} (the session's group_size), got "
-                              f"{'none' if rank is None else rank}")
-            if step is None:
-                raise invalid("step", "required in a group session: every slice names the step it belongs to")
-        elif rank not in (None, 0):
-            raise invalid("rank", f"expected 0 or unset: the session's group_size is 1, got {rank}")
-        rank = rank or 0
-        fingerprint = None if step is None else steps.digest(req.inputs, options)
-        kept = steps.admit(step, rank, session.step, session.last, fingerprint)
-        if kept is not None:
-            return kept.response(request_id, session.step)
-        raw = decode_inputs(req.inputs)
-        if size > 1:
-            groups.check_per_row(session.loss_cls, raw)
-        inputs = validation.check_compute(self.loss_of(session), raw, self.limits, session,
-                                          min_rows=0 if size > 1 else 1)
-        return groups.Slice(rank=rank, step=session.step + 1 if step is None else step, request_id=request_id,
-                            inputs=inputs, digest=fingerprint, options=options)
-
-    @staticmethod
-    def loss_of(session: Session) -> Loss:
-        """The session's loss instance (its own once it has state; before that, one of its configuration)."""
-        return session.state.loss if session.state is not None else session.loss_cls(session.spec.params)
-
-    def check_slices(self, session: Session, slices: list[groups.Slice]) -> None:
-        """Before a member waits: the device memory of the step so far (its slices together) fits the budget."""
-        rows = sum(s.rows for s in slices)
-        first = slices[0].inputs
-        emb = first["embeddings"]
-        memory = session.state.memory if session.state is not None else None
-        validation.require_budget_rows(self.loss_of(session).memory_complexity(first), rows, int(emb.shape[1]),
-                                       emb.element_size(), rows + (memory.fill if memory is not None else 0),
-                                       self.limits.memory_budget)
-
-    def commit_step(self, session: Session, slices: list[groups.Slice]) -> dict[int, bytes]:
-        """Compute a step on its slices concatenated in rank order and apply it, entirely or not at all; each
-        member's answer by rank. Runs under the session's order."""
-        step = slices[0].step
-        if step != session.step + 1:  # a step committed or aborted while this one was collected
-            raise FailedPrecondition(f"step: expected {session.step + 1}, got {step}", field="step")
-        options = groups.common_options(slices)
-        inputs, offsets = groups.concatenate(slices)
-        validation.check_step(session, self.loss_of(session), inputs, self.limits)
-        started = time.perf_counter()
-        memory = session.state.memory if session.state is not None else None
-        need = validation.working_bytes(self.loss_of(session), inputs,
-                                        len(inputs["embeddings"]) + (memory.fill if memory is not None else 0))
-        with self.working.hold(need), \
-                self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this step"):
-            pending = training.prepare(session, inputs, options, self.config.compute_dtype)
-            try:
-                results = groups.split(pending.result, slices, offsets)
-                answers = {s.rank: self.encode_checked(s.request_id, results[s.rank], step, offsets[s.rank])
-                           for s in slices}
-            except BaseException:
-                pending.abandon()
-                raise
-            pending.commit()
-        session.last = steps.Answer(step, {s.rank: steps.Part(s.digest, results[s.rank], row_offset=offsets[s.rank])
-                                           for s in slices})
-        self.observe(session.spec.loss, started, pending.result)
-        self.checkpointer.after_step(session)
-        return answers
-
-    def compute_stateless(self, req: pb.ComputeRequest | wire.WireRequest, request_id: str,
-                          options: compute.ComputeOptions) -> bytes:
-        if not req.loss.name:
-            raise invalid("loss.name", "expected a loss name (see ListLosses)")
-        loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
-        inputs = validation.check_compute(loss, decode_inputs(req.inputs), self.limits)
-        loss.check_inputs(inputs)
-        if loss.stateful and "embeddings" in inputs:
-            validation.require_loss_state_budget(loss, int(inputs["embeddings"].shape[1]), self.limits.memory_budget)
-        started = time.perf_counter()
-        rows = len(inputs["embeddings"]) if "embeddings" in inputs else 0
-        with self.working.hold(validation.working_bytes(loss, inputs, rows)), \
-                self._out_of_memory("inputs.embeddings", "the device ran out of memory computing this batch"):
-            self.prepare_stateless(loss, inputs)
-            result = compute.run(loss, inputs, device=self.device, compute_dtype=self.config.compute_dtype,
-                                 options=options)
-        self.observe(loss.name, started, result)
-        return self.encode_checked(request_id, result, 0)
-
-    def observe(self, loss: str, started: float, result: compute.ComputeResult) -> None:
-        self.metrics.observe_compute(loss, time.perf_counter() - started, result.n, result.stats,
-                                     result.triplets_total)
-
-    def encode_checked(self, request_id: str, result: compute.ComputeResult, step: int, row_offset: int = 0) -> bytes:
-        """The answer's bytes, refused (before anything is applied) when gRPC could not send them."""
-        answer = steps.encode_result(request_id, result, step, row_offset)
-        if len(answer) > self.config.max_message_bytes:
-            raise ResourceExhausted(
-                f"options.max_triplets: the answer would take {len(answer)} bytes, over the server's "
-                f"max_message_bytes ({self.config.max_message_bytes}); ask for fewer triplets (options.max_triplets) "
-                "or send smaller batches; nothing was applied", field="options.max_triplets")
-        return answer
-
-    def prepare_stateless(self, loss: Loss, inputs: Mapping[str, torch.Tensor]) -> None:
-        """Stateful losses used without a session get fresh state (seed 0) unless the request carries it."""
-        if loss.stateful and "embeddings" in inputs and not any(
-                s.name in inputs for s in loss.inputs if s.differentiable and s.name != "embeddings"):
-            loss.init_state(int(inputs["embeddings"].shape[1]), self.device, torch.Generator().manual_seed(0), {})
-
-    @contextlib.contextmanager
-    def _out_of_memory(self, field: str, what: str) -> Iterator[None]:
-        """An allocation failure is RESOURCE_EXHAUSTED naming ``field`` (torch.OutOfMemoryError on CUDA, the CPU
-        allocator's RuntimeError)."""
-        try:
-            yield
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            devices.release_cached(self.device)
-            raise ResourceExhausted(f"{field}: {what}; send smaller batches", field=field) from None
-
     # ---- sessions ----------------------------------------------------------------------------------------
     def create_session(self, req: pb.CreateSessionRequest, principal: str) -> pb.CreateSessionResponse:
         c = req.config
@@ -333,7 +146,7 @@ class Service:
         session = self.store.get(req.session_id, principal)
         x = validation.check_embed(session, decode_inputs({"embeddings": req.embeddings}, "")["embeddings"],
                                    self.limits)
-        with self._out_of_memory("embeddings", "the device ran out of memory"):
+        with devices.out_of_memory(self.device, "embeddings", "the device ran out of memory"):
             out = training.embed(session, x)
         return pb.EmbedResponse(embeddings=codec.encode(out, "embeddings"))
 

@@ -32,6 +32,7 @@ from .groups import GroupSteps
 from .identity import current_principal
 from .metrics import Metrics
 from .scheduler import Admission, Scheduler
+from .batches import Batches
 from .service import Service
 from .streams import Draining, StreamPump
 from .translate import to_grpc_status, to_status_proto
@@ -164,11 +165,13 @@ def _session_id(request: Any) -> str | None:
 
 
 class Servicer(pb_grpc.EmbeddingTrainerServicer):
-    def __init__(self, service: Service, scheduler: Scheduler, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, service: Service, batches: Batches, scheduler: Scheduler, config: ServerConfig,
+                 metrics: Metrics) -> None:
         self.service = service
+        self.batches = batches
         self.scheduler = scheduler
         # A queue as long as the streams' read-ahead allows: beyond it a request is refused, not held.
-        self.admission = Admission(service.limits.memory_budget, config.max_concurrent_streams * 2, metrics)
+        self.admission = Admission(batches.limits.memory_budget, config.max_concurrent_streams * 2, metrics)
         self.groups = GroupSteps(scheduler, metrics)
         self.config = config
         self.metrics = metrics
@@ -217,17 +220,17 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         """One Compute batch: a whole step on a worker, or a member's slice of a group step, which waits for the
         other members' slices (``groups``) without holding a worker. ``stop`` is set when the call ends."""
         if isinstance(req, Unparsed):  # stateless: parsed, computed and answered on a worker
-            return await self.scheduler.run(_parsed_first(self.service.compute), req, principal, stop=stop)
-        session = self.service.session_for(req, principal)
+            return await self.scheduler.run(_parsed_first(self.batches.compute), req, principal, stop=stop)
+        session = self.batches.session_for(req, principal)
         if session is None or session.spec.group_size == 1:
-            return await self.scheduler.run(self.service.compute, req, principal, session_id=_session_id(req),
+            return await self.scheduler.run(self.batches.compute, req, principal, session_id=_session_id(req),
                                             cancelled=cancelled, stop=stop)
-        part = await self.scheduler.run(self.service.slice_of, req, session, session_id=session.id,
+        part = await self.scheduler.run(self.batches.slice_of, req, session, session_id=session.id,
                                         cancelled=cancelled)
         if isinstance(part, bytes):  # the kept answer of the last step
             return part
-        return await self.groups.submit(session, part, functools.partial(self.service.check_slices, session),
-                                        self.service.commit_step)
+        return await self.groups.submit(session, part, functools.partial(self.batches.check_slices, session),
+                                        self.batches.commit_step)
 
     # ---- RPCs --------------------------------------------------------------------------------------------
     async def Compute(self, request, context):  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ResourceExhausted, invalid
-from . import losses
+from . import devices, losses
+from .config import ServerConfig
 from .losses.base import EMBEDDINGS, InputSpec, Loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +32,12 @@ class Limits:
     memory_budget: int  # bytes of device memory one request may need (estimate); 0: no limit
     max_compute_seconds: float = 0.0  # estimated compute time one request may need; 0: no limit
     compute_rate: float = 2e9  # operations per second the estimate assumes
+
+
+def limits_for(config: ServerConfig, device: torch.device) -> Limits:
+    """The configured limits, with the device's defaults filled in."""
+    return Limits(config.max_batch_elements, config.memory_budget_bytes or int(0.8 * devices.memory_total(device)),
+                  config.max_compute_seconds, config.compute_rate or (2e9 if device.type == "cpu" else 2e12))
 
 
 def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
