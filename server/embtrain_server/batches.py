@@ -132,10 +132,8 @@ class Batches:
         rows = sum(s.rows for s in slices)
         first = slices[0].inputs
         emb = first["embeddings"]
-        memory = session.state.memory if session.state is not None else None
         validation.require_budget_rows(self.loss_of(session).memory_complexity(first), rows, int(emb.shape[1]),
-                                       emb.element_size(), rows + (memory.fill if memory is not None else 0),
-                                       self.limits.memory_budget)
+                                       emb.element_size(), rows + session.memory_fill, self.limits.memory_budget)
 
     def commit_step(self, session: Session, slices: list[groups.Slice]) -> dict[int, bytes]:
         """Compute a step on its slices concatenated in rank order and apply it, entirely or not at all; each
@@ -145,11 +143,10 @@ class Batches:
             raise FailedPrecondition(f"step: expected {session.step + 1}, got {step}", field="step")
         options = groups.common_options(slices)
         inputs, offsets = groups.concatenate(slices)
-        validation.check_step(session, self.loss_of(session), inputs, self.limits)
+        loss = self.loss_of(session)
+        validation.check_step(session, loss, inputs, self.limits)
         started = time.perf_counter()
-        memory = session.state.memory if session.state is not None else None
-        need = validation.working_bytes(self.loss_of(session), inputs,
-                                        len(inputs["embeddings"]) + (memory.fill if memory is not None else 0))
+        need = validation.working_bytes(loss, inputs, len(inputs["embeddings"]) + session.memory_fill)
         with self.working.hold(need), devices.out_of_memory(self.device, "inputs.embeddings",
                                                             "the device ran out of memory computing this step"):
             pending = training.prepare(session, inputs, options, self.config.compute_dtype)
@@ -174,8 +171,6 @@ class Batches:
         loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
         inputs = validation.check_compute(loss, decode_inputs(req.inputs), self.limits)
         loss.check_inputs(inputs)
-        if loss.stateful and "embeddings" in inputs:
-            validation.require_loss_state_budget(loss, int(inputs["embeddings"].shape[1]), self.limits.memory_budget)
         started = time.perf_counter()
         rows = len(inputs["embeddings"]) if "embeddings" in inputs else 0
         with self.working.hold(validation.working_bytes(loss, inputs, rows)), devices.out_of_memory(

@@ -67,7 +67,6 @@ class Service:
         self.limits = validation.limits_for(config, device)
         losses.load_all()
 
-    # ---- Compute -----------------------------------------------------------------------------------------
     # ---- sessions ----------------------------------------------------------------------------------------
     def create_session(self, req: pb.CreateSessionRequest, principal: str) -> pb.CreateSessionResponse:
         c = req.config
@@ -99,7 +98,7 @@ class Service:
         ts = s.state
         info = pb.SessionInfo(
             session_id=s.id, step=s.step, parameter_count=ts.parameter_count() if ts is not None else 0,
-            memory_fill=ts.memory.fill if ts is not None and ts.memory is not None else 0,
+            memory_fill=s.memory_fill,
             memory_size=s.spec.memory_size, last_checkpoint_step=s.last_checkpoint_step,
             last_checkpoint_time=s.last_checkpoint_time, status="ready", device=str(s.device),
             created_time=s.created_time)

@@ -120,6 +120,11 @@ class Session:
         """The embedding width, fixed by the first batch (None before it)."""
         return self.state.in_dim if self.state is not None else None
 
+    @property
+    def memory_fill(self) -> int:
+        """Rows in the cross-batch memory (candidates beyond the batch)."""
+        return self.state.memory.fill if self.state is not None and self.state.memory is not None else 0
+
     def check_width(self, d: int, field_name: str = "inputs.embeddings") -> None:
         if self.state is not None and d != self.state.in_dim:
             raise invalid(field_name, f"width {d}, expected {self.state.in_dim} (the session's embedding width)")

@@ -7,8 +7,8 @@ from the session seed, so a retried or restored session builds the same state.
 
 ``prepare`` runs one batch without applying it (forward and backward in the compute layer, and every allocation the
 commit needs); ``Pending.commit`` applies it: optimiser step, the loss's own state update and the memory enqueue,
-all of it or none (a failure half-way restores the state bit for bit). ``step`` is both; what it returns is only
-what goes on the wire.
+all of it or none (a failure half-way restores the state bit for bit). ``Pending.result`` is only what goes on
+the wire.
 """
 
 from __future__ import annotations
@@ -192,14 +192,6 @@ def prepare(session: Session, inputs: dict[str, torch.Tensor], options: compute.
         ts.generator.set_state(rng)
         raise
     return Pending(session, ts, p.result, p, inputs, rng, dtype)
-
-
-def step(session: Session, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions,
-         compute_dtype: str) -> compute.ComputeResult:
-    """Run one validated batch on ``session`` and apply it (``prepare`` then ``commit``); step += 1."""
-    pending = prepare(session, inputs, options, compute_dtype)
-    pending.commit()
-    return pending.result
 
 
 def embed(session: Session, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
     if session is None:
         if emb is not None:
             require_resources(loss, inputs, emb.shape[0], limits)
+            if loss.stateful:  # a stateless call of a loss with state builds it (seed 0) for this batch
+                require_loss_state_budget(loss, int(emb.shape[1]), limits.memory_budget)
         elif (footprint := loss.footprint(inputs)) is not None:
             _require_within(*footprint, limits)
         return inputs
@@ -60,9 +62,7 @@ def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
     if session.spec.memory_size and "labels" not in inputs:
         raise invalid("inputs.labels", "required when the session has a cross-batch memory")
     _require_state_budget(session, int(emb.shape[1]), limits.memory_budget)
-    memory = session.state.memory if session.state is not None else None
-    require_resources(loss, inputs, emb.shape[0] + (memory.fill if memory is not None else 0), limits,
-                      head_ops(session.spec, emb))
+    require_resources(loss, inputs, emb.shape[0] + session.memory_fill, limits, head_ops(session.spec, emb))
     return inputs
 
 
@@ -75,8 +75,7 @@ def check_step(session: Session, loss: Loss, inputs: Mapping[str, torch.Tensor],
     if n * d > limits.max_batch_elements:
         raise ResourceExhausted(f"inputs.embeddings: the step's slices hold {n} x {d} = {n * d} elements, over the "
                                 f"server's max_batch_elements ({limits.max_batch_elements})", field="inputs.embeddings")
-    memory = session.state.memory if session.state is not None else None
-    require_resources(loss, inputs, n + (memory.fill if memory is not None else 0), limits, head_ops(session.spec, emb))
+    require_resources(loss, inputs, n + session.memory_fill, limits, head_ops(session.spec, emb))
 
 
 def head_ops(spec: SessionSpec, embeddings: torch.Tensor) -> float:
