@@ -9,7 +9,8 @@
 server's gradient, and ``load_head``.
 """
 
-from ._client import Client, ComputeResult, ExportedModel, LossInfo, Member, Session, SessionInfo
+from ._client import (Client, ComputeResult, ExportedModel, LossInfo, Member, Session, SessionInfo,
+                      replica_addresses)
 from .errors import (
     Aborted,
     DeadlineExceeded,
@@ -29,5 +30,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Aborted", "Client", "ComputeResult", "DeadlineExceeded", "EmbtrainError", "ExportedModel", "FailedPrecondition",
     "FieldViolation", "InvalidArgument", "LossInfo", "Member", "NotFound", "PermissionDenied", "ResourceExhausted", "Session",
-    "SessionInfo", "Unauthenticated", "Unavailable",
+    "SessionInfo", "Unauthenticated", "Unavailable", "replica_addresses",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -135,9 +135,12 @@ class Batches:
         validation.require_budget_rows(self.loss_of(session).memory_complexity(first), rows, int(emb.shape[1]),
                                        emb.element_size(), rows + session.memory_fill, self.limits.memory_budget)
 
-    def commit_step(self, session: Session, slices: list[groups.Slice]) -> dict[int, bytes]:
+    def commit_step(self, session: Session, slices: list[groups.Slice], vote: Callable[[], None] | None = None,
+                    shard: Any = None) -> dict[int, bytes]:
         """Compute a step on its slices concatenated in rank order and apply it, entirely or not at all; each
-        member's answer by rank. Runs under the session's order."""
+        member's answer by rank. Runs under the session's order. ``vote`` (replicas) is called once the step is
+        computed and its answers encoded, just before it is applied; raising there abandons it. ``shard``: this
+        replica's share of the anchors (``sharding``)."""
         step = slices[0].step
         if step != session.step + 1:  # a step committed or aborted while this one was collected
             raise FailedPrecondition(f"step: expected {session.step + 1}, got {step}", field="step")
@@ -149,11 +152,14 @@ class Batches:
         need = validation.working_bytes(loss, inputs, len(inputs["embeddings"]) + session.memory_fill)
         with self.working.hold(need), devices.out_of_memory(self.device, "inputs.embeddings",
                                                             "the device ran out of memory computing this step"):
-            pending = training.prepare(session, inputs, options, self.config.compute_dtype)
+            extra = {} if shard is None else {"shard": shard}
+            pending = training.prepare(session, inputs, options, self.config.compute_dtype, **extra)
             try:
                 results = groups.split(pending.result, slices, offsets)
                 answers = {s.rank: self.encode_checked(s.request_id, results[s.rank], step, offsets[s.rank])
                            for s in slices}
+                if vote is not None:
+                    vote()
             except BaseException:
                 pending.abandon()
                 raise

@@ -69,6 +69,12 @@ class Metrics:
             self.group_steps.labels(result)
         self.group_wait_seconds = Histogram("embtrain_group_wait_seconds", "How long the first slice of a group "
                                             "step waited for the last", buckets=_LATENCY, registry=r)
+        self.replica_up = Gauge("embtrain_replica_group_up", "1 while this replica's process group is formed and "
+                                "every replica answers (0 also on a server without replicas)", registry=r)
+        self.replica_reforms = Counter("embtrain_replica_reforms", "Times the replicas' process group formed again "
+                                       "after a replica was lost or came back", registry=r)
+        self.replica_divergence = Counter("embtrain_replica_state_divergence", "Replicated sessions whose state "
+                                          "digest differed between replicas (the log says which)", registry=r)
         self.unloaded_checkpoints = Gauge("embtrain_unloaded_checkpoints", "Checkpoints in state_dir that did not "
                                           "load at start (corrupt, or needing a missing extra); the log says which",
                                           registry=r)

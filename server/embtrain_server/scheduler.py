@@ -31,12 +31,14 @@ class Scheduler:
         self._order: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any, session_id: str | None = None,
-                  cancelled: Callable[[], bool] = lambda: False, stop: threading.Event | None = None) -> T:
+                  cancelled: Callable[[], bool] = lambda: False, stop: threading.Event | None = None,
+                  pool: ThreadPoolExecutor | None = None) -> T:
         """``fn(*args)`` on a worker; with ``session_id``, after every earlier call of that session has finished.
         ``cancelled()`` is asked once the order is reached: a call given up while it waited never runs; ``stop``,
-        once set, ends a long computation at its next block (``cancellation``)."""
+        once set, ends a long computation at its next block (``cancellation``). ``pool``: run on those threads
+        instead of the workers (the replicas' collectives, which must not queue behind other sessions' work)."""
         if session_id is None:
-            return await self._work(fn, *args, stop=stop)
+            return await self._work(fn, *args, stop=stop, pool=pool)
         lock, users = self._order.get(session_id, (None, 0))
         lock = lock or asyncio.Lock()
         self._order[session_id] = (lock, users + 1)
@@ -44,7 +46,7 @@ class Scheduler:
             async with lock:
                 if cancelled():
                     raise asyncio.CancelledError
-                return await self._work(fn, *args, stop=stop)
+                return await self._work(fn, *args, stop=stop, pool=pool)
         finally:
             lock, users = self._order[session_id]
             if users == 1:
@@ -56,8 +58,9 @@ class Scheduler:
         """Whether a call of the session is queued or running."""
         return session_id in self._order
 
-    async def _work(self, fn: Callable[..., T], *args: Any, stop: threading.Event | None = None) -> T:
-        cf = self.executor.submit(_in_scope, stop, fn, *args)
+    async def _work(self, fn: Callable[..., T], *args: Any, stop: threading.Event | None = None,
+                    pool: ThreadPoolExecutor | None = None) -> T:
+        cf = (pool or self.executor).submit(_in_scope, stop, fn, *args)
         fut = asyncio.wrap_future(cf)
         self.metrics.worker_calls.inc()
         try:

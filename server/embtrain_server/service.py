@@ -65,6 +65,7 @@ class Service:
         self.checkpointer = checkpointer
         self.metrics = metrics
         self.limits = validation.limits_for(config, device)
+        self.replicas: Any = None  # ``replicas.Replicas`` on a server that is one of several replicas
         losses.load_all()
 
     # ---- sessions ----------------------------------------------------------------------------------------
@@ -78,12 +79,16 @@ class Service:
                           struct_to_dict(c.memory) if c.HasField("memory") else None,
                           c.seed if c.HasField("seed") else None,
                           c.group_size if c.HasField("group_size") else None,
-                          c.group_timeout if c.HasField("group_timeout") else None)
+                          c.group_timeout if c.HasField("group_timeout") else None,
+                          replicated=c.replicated, shard=c.shard, replicas=self.config.world_size)
         initial = decode_inputs(c.initial_state, "config.initial_state")
         for name, t in initial.items():
             if t.is_floating_point():
                 validation.require_finite(t, f"config.initial_state.{name}")
         losses.get(spec.loss)(spec.params).check_initial_state(initial)
+        if spec.replicated:  # on every replica, or on none
+            session = self.replicas.create(spec, principal, initial)
+            return pb.CreateSessionResponse(session=self.session_info(session))
         session = self.store.create(spec, principal, initial)
         try:
             self.checkpointer.save(session)
@@ -112,6 +117,9 @@ class Service:
         info.config.seed = s.spec.seed
         info.config.group_size = s.spec.group_size
         info.config.group_timeout = s.spec.group_timeout
+        if s.spec.replicated:
+            info.config.replicated = True
+            info.config.shard = s.spec.shard
         if ts is not None and ts.optimizer_spec is not None:
             info.optimizer_state.update(_jsonable(optim.summary(ts.optimizer_spec, ts.optimizer, s.step)))
         return info
@@ -130,6 +138,10 @@ class Service:
 
     def close_session(self, req: pb.CloseSessionRequest, principal: str) -> pb.CloseSessionResponse:
         session = self.store.get(req.session_id, principal)
+        if session.spec.replicated:  # closed on every replica
+            info = self.session_info(session)
+            self.replicas.close(session, req.keep_checkpoint)
+            return pb.CloseSessionResponse(session=info)
         self.checkpointer.on_close(session, keep=req.keep_checkpoint)
         info = self.session_info(session)
         self.store.remove(req.session_id, principal)

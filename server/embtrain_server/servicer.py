@@ -173,6 +173,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         # A queue as long as the streams' read-ahead allows: beyond it a request is refused, not held.
         self.admission = Admission(batches.limits.memory_budget, config.max_concurrent_streams * 2, metrics)
         self.groups = GroupSteps(scheduler, metrics)
+        self.replicas: Any = None  # ``replicas.Replicas`` on a server that is one of several replicas
         self.config = config
         self.metrics = metrics
         self.draining = asyncio.Event()
@@ -222,6 +223,13 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         if isinstance(req, Unparsed):  # stateless: parsed, computed and answered on a worker
             return await self.scheduler.run(_parsed_first(self.batches.compute), req, principal, stop=stop)
         session = self.batches.session_for(req, principal)
+        if session is not None and session.spec.replicated:  # computed by the replicas together
+            self.replicas.require_up()
+            part = await self.scheduler.run(self.batches.slice_of, req, session, session_id=session.id,
+                                            cancelled=cancelled)
+            if isinstance(part, bytes):
+                return part
+            return await self.replicas.submit(session, part, functools.partial(self.batches.check_slices, session))
         if session is None or session.spec.group_size == 1:
             return await self.scheduler.run(self.batches.compute, req, principal, session_id=_session_id(req),
                                             cancelled=cancelled, stop=stop)

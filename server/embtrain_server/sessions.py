@@ -44,11 +44,14 @@ class SessionSpec:
     seed: int
     group_size: int = 1  # members sending one slice each of every step (see ``groups``)
     group_timeout: float = DEFAULT_GROUP_TIMEOUT  # seconds a step waits for its slices before it aborts
+    replicated: bool = False  # exists on every replica; its steps are computed by the replicas together
+    shard: bool = False  # replicated, each replica computing its share of the anchors (``sharding``)
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "params": self.params, "head": self.head, "optimizer": self.optimizer,
                 "memory": {"size": self.memory_size}, "seed": self.seed,
-                "group": {"size": self.group_size, "timeout": self.group_timeout}}
+                "group": {"size": self.group_size, "timeout": self.group_timeout, "replicated": self.replicated,
+                          "shard": self.shard}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SessionSpec:
@@ -56,12 +59,14 @@ class SessionSpec:
         return cls(loss=d["loss"], params=dict(d["params"]), head=normalize_spec(d["head"], "head"),
                    optimizer=dict(d["optimizer"]) if d["optimizer"] else None,
                    memory_size=int(d["memory"]["size"]), seed=int(d["seed"]), group_size=int(group["size"]),
-                   group_timeout=float(group["timeout"]))
+                   group_timeout=float(group["timeout"]), replicated=bool(group.get("replicated", False)),
+                   shard=bool(group.get("shard", False)))
 
 
 def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, optimizer: Mapping[str, Any] | None,
                memory: Mapping[str, Any] | None, seed: int | None, group_size: int | None = None,
-               group_timeout: float | None = None) -> SessionSpec:
+               group_timeout: float | None = None, replicated: bool = False, shard: bool = False,
+               replicas: int = 1) -> SessionSpec:
     """Validate everything a session needs before any state exists. Raises ``InvalidArgument``."""
     cls = losses.get(loss_name, "config.loss.name")
     cls(params)  # validates the parameters
@@ -87,9 +92,17 @@ def parse_spec(loss_name: str, params: Mapping[str, Any] | None, head: Any, opti
     group_timeout = DEFAULT_GROUP_TIMEOUT if group_timeout is None else group_timeout
     if not 0 < group_timeout <= MAX_GROUP_TIMEOUT:
         raise invalid("config.group_timeout", f"expected seconds in (0, {MAX_GROUP_TIMEOUT:.0f}], got {group_timeout}")
+    if (replicated or shard) and replicas < 2:
+        raise invalid("config.replicated" if replicated else "config.shard", "this server runs alone (world_size "
+                      "1): replicated sessions need a server started as one of several replicas (--world-size)")
+    if shard:
+        if not getattr(cls, "shardable", False):
+            raise invalid("config.shard", f"loss {loss_name!r} cannot split its anchors between replicas; leave shard "
+                          "off (every replica computes the whole step)")
+        replicated = True
     return SessionSpec(loss=loss_name, params=dict(params or {}), head=head_spec,
                        optimizer=dict(optimizer) if optimizer else None, memory_size=mem["size"], seed=seed,
-                       group_size=group_size, group_timeout=float(group_timeout))
+                       group_size=group_size, group_timeout=float(group_timeout), replicated=replicated, shard=shard)
 
 
 @dataclass
@@ -161,13 +174,18 @@ class SessionStore:
         token = secrets.token_hex(10)
         return f"{self.node_id}.{token}" if self.node_id else token
 
-    def create(self, spec: SessionSpec, owner: str, initial_state: Mapping[str, torch.Tensor]) -> Session:
+    def check_room(self, owner: str) -> None:
+        mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+        if mine >= self.max_per_principal:
+            raise ResourceExhausted(f"sessions: {owner!r} already has {mine} sessions, the limit per principal; "
+                                    f"close one first", field="sessions")
+
+    def create(self, spec: SessionSpec, owner: str, initial_state: Mapping[str, torch.Tensor],
+               session_id: str | None = None) -> Session:
+        """A new session (``session_id``: the id a replicated session has on every replica)."""
         with self._lock:
-            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
-            if mine >= self.max_per_principal:
-                raise ResourceExhausted(f"sessions: {owner!r} already has {mine} sessions, the limit per principal; "
-                                        f"close one first", field="sessions")
-            sess = Session(id=self.new_id(), owner=owner, spec=spec, device=self.device,
+            self.check_room(owner)
+            sess = Session(id=session_id or self.new_id(), owner=owner, spec=spec, device=self.device,
                            initial_state=dict(initial_state))
             self._sessions[sess.id] = sess
         return sess
@@ -179,6 +197,10 @@ class SessionStore:
             hint = " (its checkpoint is corrupt; see ListSessions)" if self._visible_corrupt(session_id, owner) else ""
             raise NotFound(f"{field_name}: no session {session_id!r}{hint}", field=field_name)
         return sess
+
+    def peek(self, session_id: str) -> Session | None:
+        """The session with this id whoever owns it (for the server's own bookkeeping, never for a caller)."""
+        return self._sessions.get(session_id)
 
     def _visible_corrupt(self, session_id: str, owner: str) -> bool:
         c = self._corrupt.get(session_id)

@@ -132,7 +132,7 @@ class ComputeResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., loss: _Optional[float] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., triplets: _Optional[_Union[Tensor, _Mapping]] = ..., triplets_total: _Optional[int] = ..., triplets_truncated: _Optional[bool] = ..., per_item_losses: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., triplet_ids: _Optional[_Union[Tensor, _Mapping]] = ..., row_offset: _Optional[int] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("loss", "head", "optimizer", "memory", "seed", "initial_state", "group_size", "group_timeout")
+    __slots__ = ("loss", "head", "optimizer", "memory", "seed", "initial_state", "group_size", "group_timeout", "replicated", "shard")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class SessionConfig(_message.Message):
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     loss: LossSpec
     head: _struct_pb2.Value
     optimizer: _struct_pb2.Struct
@@ -156,7 +158,9 @@ class SessionConfig(_message.Message):
     initial_state: _containers.MessageMap[str, Tensor]
     group_size: int
     group_timeout: float
-    def __init__(self, loss: _Optional[_Union[LossSpec, _Mapping]] = ..., head: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., optimizer: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., memory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., group_size: _Optional[int] = ..., group_timeout: _Optional[float] = ...) -> None: ...
+    replicated: bool
+    shard: bool
+    def __init__(self, loss: _Optional[_Union[LossSpec, _Mapping]] = ..., head: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., optimizer: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., memory: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., group_size: _Optional[int] = ..., group_timeout: _Optional[float] = ..., replicated: _Optional[bool] = ..., shard: _Optional[bool] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "config", "step", "parameter_count", "memory_fill", "memory_size", "last_checkpoint_step", "last_checkpoint_time", "optimizer_state", "status", "status_message", "device", "created_time")

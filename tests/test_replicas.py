@@ -1,0 +1,261 @@
+"""Replicas: R server processes that compute replicated sessions together on torch.distributed (gloo, loopback).
+
+The reference for every step is one server process (world_size 1) computing the rank-ordered concatenation of the
+members' slices in one Compute of a plain session with the same configuration and seed: replicate mode must equal
+it bit for bit, state included, on every replica. Every process is started by this module and killed when it ends,
+whatever happened."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embtrain
+from embtrain_server import process
+from tests.test_groups import run_members, slices
+
+W = 4
+SIZES = [[3, 7, 1, 9], [6, 0, 5, 4], [2, 8, 3, 3]]  # uneven, one member empty at step 2
+CONFIG: dict[str, Any] = dict(loss="batch_hard_triplet", params={"margin": 0.2},
+                              head=[{"type": "linear", "out_dim": 8}, {"type": "l2_normalize"}],
+                              optimizer={"type": "adam", "lr": 0.05}, memory={"size": 24}, seed=5)
+COMMON = ["--metrics-port", "0", "--device", "cpu", "--workers", "1", "--torch-threads", "1", "--log-level", "INFO",
+          "--drain-seconds", "2"]
+
+
+class Cluster:
+    """R ``embtrain-server`` replicas on loopback (each its own state_dir and log)."""
+
+    def __init__(self, root: pathlib.Path, replicas: int, *extra: str) -> None:
+        self.root, self.size, self.extra = root, replicas, extra
+        self.master_port = process.free_port()
+        self.ports = [process.free_port() for _ in range(replicas)]
+        self.procs: list[subprocess.Popen | None] = [None] * replicas
+        for k in range(replicas):
+            self.spawn(k)
+        for k in range(replicas):
+            self.wait(k)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def spawn(self, k: int) -> None:
+        state = self.root / f"state{k}"
+        argv = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(self.ports[k]),
+                "--state-dir", str(state), "--world-size", str(self.size), "--rank", str(k),
+                "--master-addr", "127.0.0.1", "--master-port", str(self.master_port), *COMMON, *self.extra]
+        with open(self.root / f"replica{k}.log", "ab") as log:
+            self.procs[k] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self, k: int, seconds: float = 90.0) -> None:
+        proc = self.procs[k]
+        assert proc is not None
+        process.wait_serving(self.addresses[k], lambda: proc.poll() is None, seconds,
+                             describe=lambda: self.log(k)[-3000:])
+
+    def log(self, k: int) -> str:
+        return (self.root / f"replica{k}.log").read_text(errors="replace")
+
+    def kill(self, k: int) -> None:
+        proc = self.procs[k]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def close(self) -> None:
+        for proc in self.procs:  # SIGTERM to all first: they drain together
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc is not None:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+    def client(self, **kw: Any) -> embtrain.Client:
+        return embtrain.Client(self.addresses, **kw)
+
+
+@contextlib.contextmanager
+def cluster(root: pathlib.Path, replicas: int, *extra: str) -> Iterator[Cluster]:
+    c = None
+    try:
+        c = Cluster(root, replicas, *extra)
+        yield c
+    finally:
+        if c is not None:
+            c.close()
+        else:  # a replica failed to start: kill whatever did start
+            subprocess.run(["pkill", "-9", "-f", f"--state-dir {root}"], check=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embtrain.Client]:
+    """One server process, the same settings, no replicas."""
+    log = tmp_path_factory.mktemp("reference") / "server.log"
+    with process.running([*COMMON, "--no-persist"], log_path=log, grace=10) as (target, _):
+        with embtrain.Client(target) as client:
+            yield client
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["R2", "R3"])
+def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster(tmp_path_factory.mktemp(f"r{request.param}"), request.param, "--replica-timeout", "3") as c:
+        yield c
+
+
+def steps_data(dtype: type = np.float32) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    return [slices(s + 1, dtype, sizes, d=6) for s, sizes in enumerate(SIZES)]
+
+
+def replicated_step(session: embtrain.Session, parts: list[tuple[np.ndarray, np.ndarray]], step: int,
+                    seed: int = 0, **kw: Any) -> dict[int, Any]:
+    """Every member sends its slice (member r through replica r mod R), concurrently, in a shuffled order."""
+    return run_members({r: (lambda r=r: session.member(r).compute(*parts[r], step=step, **kw))
+                        for r in range(len(parts))}, seed)
+
+
+def assert_member_answers(got: dict[int, Any], want: Any, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Each member's answer is its part of the reference's answer on the concatenation, bit for bit."""
+    offset = 0
+    for r, (x, _) in enumerate(parts):
+        res = got[r]
+        assert not isinstance(res, Exception), res
+        n = len(x)
+        assert res.loss == want.loss and res.row_offset == offset and res.stats == want.stats
+        np.testing.assert_array_equal(res.gradient, want.gradient[offset:offset + n])
+        mine = ((want.triplets >= offset) & (want.triplets < offset + n)).any(1)
+        np.testing.assert_array_equal(res.triplets, want.triplets[mine])
+        assert res.triplets_total == want.triplets_total
+        offset += n
+
+
+def replica_sessions(c: Cluster, sid: str) -> list[embtrain.Session]:
+    return [embtrain.Client(a).get_session(sid) for a in c.addresses]
+
+
+def test_replicate_mode_is_one_server_on_the_concatenation(replicas: Cluster, reference: embtrain.Client) -> None:
+    client = replicas.client()
+    cfg = dict(CONFIG)
+    group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True, **cfg)
+    ref = reference.create_session(CONFIG["loss"], CONFIG["params"], **{k: v for k, v in CONFIG.items()
+                                                                         if k not in ("loss", "params")})
+    for step, parts in enumerate(steps_data(), start=1):
+        got = replicated_step(group, parts, step, seed=step)
+        want = ref.compute(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        assert_member_answers(got, want, parts)
+    exported = ref.export_model()
+    for s in replica_sessions(replicas, group.id):  # the same session, the same state, on every replica
+        info = s.info()
+        assert info.step == 3 and info.memory_fill == ref.info().memory_fill and info.config["replicated"]
+        assert s.export_model().weights == exported.weights
+        np.testing.assert_array_equal(s.embed(steps_data()[0][0][0]), ref.embed(steps_data()[0][0][0]))
+    group.close()
+    for address in replicas.addresses:
+        with pytest.raises(embtrain.NotFound):
+            embtrain.Client(address).get_session(group.id)
+
+
+def test_a_withheld_member_aborts_the_step_on_every_replica(replicas: Cluster, reference: embtrain.Client) -> None:
+    client = replicas.client()
+    cfg = dict(CONFIG)
+    group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True,
+                                  group_timeout=1.5, **cfg)
+    ref = reference.create_session(CONFIG["loss"], CONFIG["params"], **{k: v for k, v in CONFIG.items()
+                                                                         if k not in ("loss", "params")})
+    parts = steps_data()[0]
+    got = run_members({r: (lambda r=r: group.member(r).compute(*parts[r], step=1)) for r in (0, 1, 3)})
+    for r in (0, 1, 3):
+        assert isinstance(got[r], embtrain.Aborted), got[r]
+        assert got[r].missing_ranks == [2]
+    for s in replica_sessions(replicas, group.id):
+        assert s.info().step == 0
+    # The group survived: the whole step, resent, commits, and equals the reference.
+    got = replicated_step(group, parts, 1)
+    want = ref.compute(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    assert_member_answers(got, want, parts)
+    for s in replica_sessions(replicas, group.id):
+        assert s.info().step == 1 and s.export_model().weights == ref.export_model().weights
+    group.close()
+
+
+def test_bad_input_is_refused_on_every_replica(replicas: Cluster) -> None:
+    client = replicas.client()
+    cfg = dict(CONFIG)
+    group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True,
+                                  group_timeout=20, **cfg)
+    good = steps_data()
+    assert all(not isinstance(v, Exception) for v in replicated_step(group, good[0], 1).values())
+    weights = group.export_model().weights
+    bad = [(x.astype(np.float64) if r == 2 else x, y) for r, (x, y) in enumerate(good[1])]  # dtypes disagree
+    got = replicated_step(group, bad, 2)
+    for r in range(W):
+        assert isinstance(got[r], embtrain.InvalidArgument), got[r]
+        assert "inputs.embeddings" in got[r].fields
+    for s in replica_sessions(replicas, group.id):
+        assert s.info().step == 1 and s.export_model().weights == weights
+    assert all(not isinstance(v, Exception) for v in replicated_step(group, good[1], 2).values())
+    group.close()
+
+
+def test_a_replicated_session_needs_replicas(reference: embtrain.Client) -> None:
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        reference.create_session("batch_hard_triplet", group_size=2, replicated=True)
+    assert info.value.fields == ["config.replicated"]
+
+
+def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Path,
+                                                            reference: embtrain.Client) -> None:
+    with cluster(tmp_path, 2, "--replica-timeout", "1.5") as c:
+        client = c.client(retries=0)
+        cfg = dict(CONFIG)
+        group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True, **cfg)
+        ref = reference.create_session(CONFIG["loss"], CONFIG["params"], **{k: v for k, v in CONFIG.items()
+                                                                             if k not in ("loss", "params")})
+        data = steps_data()
+        plain = embtrain.Client(c.addresses[0]).create_session("batch_hard_triplet")  # on replica 0 only
+        for step in (1, 2):
+            replicated_step(group, data[step - 1], step)
+            ref.compute(np.concatenate([p[0] for p in data[step - 1]]),
+                        np.concatenate([p[1] for p in data[step - 1]]))
+        c.kill(1)
+        killed = time.monotonic()
+        survivor = embtrain.Client(c.addresses[0], retries=0).get_session(group.id)
+        while True:  # within replica_timeout (+ a heartbeat), replica 0 names the lost replica
+            try:
+                survivor.member(0).compute(*data[2][0], step=3, timeout=5)
+            except embtrain.Unavailable as exc:
+                assert "replica 1" in str(exc) and c.addresses[1] in str(exc), exc
+                break
+            except embtrain.EmbtrainError:
+                pass
+            assert time.monotonic() - killed < 10, "replica 0 did not notice the lost replica"
+        # Sessions that are not replicated go on.
+        assert plain.compute(*data[0][3]).ok
+        # The replica comes back (from its own state_dir): the group forms again, the session continues.
+        c.spawn(1)
+        c.wait(1)
+        deadline = time.monotonic() + 60
+        while True:
+            got = replicated_step(group, data[2], 3)
+            if not any(isinstance(v, embtrain.Unavailable) for v in got.values()):
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.5)
+        want = ref.compute(np.concatenate([p[0] for p in data[2]]), np.concatenate([p[1] for p in data[2]]))
+        assert_member_answers(got, want, data[2])
+        for s in replica_sessions(c, group.id):
+            assert s.info().step == 3 and s.export_model().weights == ref.export_model().weights
+        assert "formed" in c.log(0) and "took step 2 from replica 0" in c.log(1)
