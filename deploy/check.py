@@ -581,6 +581,8 @@ def _check_k8s_semantics(docs: list[dict[str, Any]], dockerfile: Path | None) ->
     if node_id != "metadata.name":
         problems.append("EMBTRAIN_NODE_ID must come from the pod name (fieldRef metadata.name) for session routing")
 
+    problems += _check_replicas(wl, headless, env, ports)
+
     drain = float(config.get("drain_seconds", DEFAULT_DRAIN_SECONDS))
     pre_stop = float(main.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0))
     grace = spec.get("terminationGracePeriodSeconds", 30)
@@ -595,6 +597,38 @@ def _check_k8s_semantics(docs: list[dict[str, Any]], dockerfile: Path | None) ->
                             f"{metrics_port}")
     elif not by_kind.get("ServiceMonitor"):
         problems.append("neither prometheus.io scrape annotations nor a ServiceMonitor")
+    return problems
+
+
+def _check_replicas(wl: dict[str, Any], headless: list[dict[str, Any]], env: dict[str, dict[str, Any]],
+                    ports: dict[str, int]) -> Problems:
+    """Pods that form a replica group (WORLD_SIZE set): the group can form and every pod knows its place."""
+    if "WORLD_SIZE" not in env:
+        return []
+    problems: Problems = []
+    name, spec = wl["metadata"]["name"], wl["spec"]
+    world = str(env["WORLD_SIZE"].get("value"))
+    if wl["kind"] != "StatefulSet":
+        return [f"WORLD_SIZE is set on a {wl['kind']}: replicas need a StatefulSet's stable ordinals and names"]
+    if world != str(spec.get("replicas", 1)):
+        problems.append(f"WORLD_SIZE is {world} but the StatefulSet has {spec.get('replicas', 1)} replicas")
+    if spec.get("podManagementPolicy") != "Parallel":
+        problems.append("podManagementPolicy must be Parallel: a pod is ready only once every replica has joined "
+                        "the group, so OrderedReady would never start pod 1")
+    governing = next((s for s in headless if s["metadata"]["name"] == spec.get("serviceName")), None)
+    if governing is not None and governing["spec"].get("publishNotReadyAddresses") is not True:
+        problems.append("the headless Service needs publishNotReadyAddresses: true so that the replicas resolve "
+                        "each other before they are ready")
+    rank = env.get("RANK", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    if rank != "metadata.labels['apps.kubernetes.io/pod-index']":
+        problems.append("RANK must come from the pod's ordinal (fieldRef metadata.labels['apps.kubernetes.io/"
+                        "pod-index'])")
+    master = str(env.get("MASTER_ADDR", {}).get("value", ""))
+    if not master.startswith(f"{name}-0.{spec.get('serviceName')}"):
+        problems.append(f"MASTER_ADDR {master!r} is not pod 0's stable name ({name}-0.{spec.get('serviceName')}...)")
+    master_port = env.get("MASTER_PORT", {}).get("value")
+    if master_port is None or ports.get("dist") != int(master_port):
+        problems.append(f"MASTER_PORT {master_port!r} is not the container port 'dist' ({ports.get('dist')})")
     return problems
 
 
@@ -774,6 +808,28 @@ def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     return [d for d in devices if "gpu" in d.get("capabilities", [])]
 
 
+def _compose_replica_problems(model: dict[str, Any], where: str) -> Problems:
+    """The services that form a replica group: ranks 0..W-1 once each, one MASTER_ADDR naming rank 0's service,
+    distinct state volumes and host ports."""
+    group = {name: _env_dict(svc.get("environment")) for name, svc in model.get("services", {}).items()
+             if "WORLD_SIZE" in _env_dict(svc.get("environment"))}
+    problems: Problems = []
+    sizes = {env["WORLD_SIZE"] for env in group.values()}
+    ranks = sorted(int(env.get("RANK", "-1")) for env in group.values())
+    if len(sizes) != 1 or ranks != list(range(len(group))) or str(len(group)) not in sizes:
+        problems.append(f"{where}: the replica services need WORLD_SIZE = their number and ranks 0..W-1 once "
+                        f"each, got WORLD_SIZE {sorted(sizes)} and ranks {ranks}")
+    first = next((name for name, env in group.items() if env.get("RANK") == "0"), None)
+    for name, env in group.items():
+        if env.get("MASTER_ADDR") != first:
+            problems.append(f"{where}: {name}: MASTER_ADDR {env.get('MASTER_ADDR')!r} is not replica 0's service "
+                            f"{first!r}")
+    state = [v for name in group for v in model["services"][name].get("volumes", []) if "/var/lib/embtrain" in v]
+    if len(set(state)) != len(group):
+        problems.append(f"{where}: every replica needs its own state volume, got {state}")
+    return problems
+
+
 def check_compose(compose_dir: Path) -> Problems:
     base_path = compose_dir / "docker-compose.yml"
     cpu_path = compose_dir / "docker-compose.cpu.yml"
@@ -791,6 +847,15 @@ def check_compose(compose_dir: Path) -> Problems:
         problems += _compose_schema_problems(merged, f"{base_path.name} + {cpu_path.name}")
     if problems:
         return problems
+
+    replicas_path = compose_dir / "docker-compose.replicas.yml"
+    if merged is not None and replicas_path.is_file():
+        try:
+            with_replicas = compose_merge(merged, yaml.load(replicas_path.read_text(), Loader=_ComposeLoader))
+        except yaml.YAMLError as e:
+            return [f"{replicas_path.name}: YAML does not parse: {e}"]
+        where = f"{base_path.name} + {cpu_path.name} + {replicas_path.name}"
+        problems += _compose_schema_problems(with_replicas, where) or _compose_replica_problems(with_replicas, where)
 
     services = base.get("services", {})
     for name in ("embtrain", "prometheus", "grafana"):

@@ -216,8 +216,13 @@ def test_a_replicated_session_needs_replicas(reference: embtrain.Client) -> None
     assert info.value.fields == ["config.replicated"]
 
 
-def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Path,
-                                                            reference: embtrain.Client) -> None:
+@pytest.mark.parametrize("lost", [1, 0], ids=["replica1", "replica0-the-store"])
+def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Path, reference: embtrain.Client,
+                                                            lost: int) -> None:
+    """SIGKILL one replica (replica 0 also keeps the group's store): the other names it within replica_timeout
+    and goes on serving its ordinary sessions; the replica restarts from its own state_dir (its checkpoint is
+    older), the group forms again, levels the session and the next step equals one server's."""
+    other = 1 - lost
     with cluster(tmp_path, 2, "--replica-timeout", "1.5") as c:
         client = c.client(retries=0)
         cfg = dict(CONFIG)
@@ -225,28 +230,28 @@ def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Pat
         ref = reference.create_session(CONFIG["loss"], CONFIG["params"], **{k: v for k, v in CONFIG.items()
                                                                              if k not in ("loss", "params")})
         data = steps_data()
-        plain = embtrain.Client(c.addresses[0]).create_session("batch_hard_triplet")  # on replica 0 only
+        plain = embtrain.Client(c.addresses[other]).create_session("batch_hard_triplet")  # on one replica only
         for step in (1, 2):
             replicated_step(group, data[step - 1], step)
             ref.compute(np.concatenate([p[0] for p in data[step - 1]]),
                         np.concatenate([p[1] for p in data[step - 1]]))
-        c.kill(1)
+        c.kill(lost)
         killed = time.monotonic()
-        survivor = embtrain.Client(c.addresses[0], retries=0).get_session(group.id)
-        while True:  # within replica_timeout (+ a heartbeat), replica 0 names the lost replica
+        survivor = embtrain.Client(c.addresses[other], retries=0).get_session(group.id)
+        while True:  # within replica_timeout (+ a heartbeat), the survivor names the lost replica
             try:
-                survivor.member(0).compute(*data[2][0], step=3, timeout=5)
+                survivor.member(other).compute(*data[2][other], step=3, timeout=5)
             except embtrain.Unavailable as exc:
-                assert "replica 1" in str(exc) and c.addresses[1] in str(exc), exc
+                assert f"replica {lost}" in str(exc) and c.addresses[lost] in str(exc), exc
                 break
             except embtrain.EmbtrainError:
                 pass
-            assert time.monotonic() - killed < 10, "replica 0 did not notice the lost replica"
+            assert time.monotonic() - killed < 10, "the survivor did not notice the lost replica"
         # Sessions that are not replicated go on.
         assert plain.compute(*data[0][3]).ok
         # The replica comes back (from its own state_dir): the group forms again, the session continues.
-        c.spawn(1)
-        c.wait(1)
+        c.spawn(lost)
+        c.wait(lost)
         deadline = time.monotonic() + 60
         while True:
             got = replicated_step(group, data[2], 3)
@@ -258,4 +263,4 @@ def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Pat
         assert_member_answers(got, want, data[2])
         for s in replica_sessions(c, group.id):
             assert s.info().step == 3 and s.export_model().weights == ref.export_model().weights
-        assert "formed" in c.log(0) and "took step 2 from replica 0" in c.log(1)
+        assert f"took step 2 from replica {other}" in c.log(lost)

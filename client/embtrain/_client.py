@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,9 @@ def _session_info(p: pb.SessionInfo) -> SessionInfo:
     if c.HasField("group_size"):
         cfg["group_size"] = int(c.group_size)
         cfg["group_timeout"] = float(c.group_timeout)
+    if c.HasField("replicated"):
+        cfg["replicated"] = bool(c.replicated)
+        cfg["shard"] = bool(c.shard)
     return SessionInfo(
         session_id=p.session_id, loss=c.loss.name, params=cfg["loss"]["params"], step=p.step,
         parameter_count=p.parameter_count, memory_fill=p.memory_fill, memory_size=p.memory_size,
@@ -226,15 +229,35 @@ class _Stubs:
         self.stream = channel.stream_stream(_COMPUTE_STREAM, request_serializer=None, response_deserializer=None)
 
 
+UNIX_TLS_SERVER_NAME = "localhost"
+_NAME_OVERRIDE = "grpc.ssl_target_name_override"
+
+
+def is_unix_target(target: str) -> bool:
+    """``unix:path``, ``unix:///abs/path`` or ``unix-abstract:name``: a server on this host."""
+    return target.startswith(("unix:", "unix-abstract:"))
+
+
+def replica_addresses(statefulset: str, service: str, replicas: int, port: int = 50051,
+                      namespace: str | None = None) -> list[str]:
+    """The addresses of a StatefulSet's replicas through its headless Service: ``<statefulset>-<i>.<service>
+    [.<namespace>.svc]:<port>`` for i = 0..replicas-1 (what ``Client(replicas=...)`` takes)."""
+    domain = f"{service}.{namespace}.svc" if namespace else service
+    return [f"{statefulset}-{i}.{domain}:{port}" for i in range(replicas)]
+
+
 class Client:
     """A connection to an embtrain server.
 
     ``target`` is ``host:port`` or any gRPC target (``dns:///embtrain-headless.ns.svc:50051`` with
-    ``load_balancing="round_robin"`` balances stateless calls over every pod). ``routing_template`` (e.g.
+    ``load_balancing="round_robin"`` balances stateless calls over every pod; ``unix:///abs/path`` or
+    ``unix:relative/path`` reaches a server on this host through its ``--unix-socket``). ``routing_template`` (e.g.
     ``"{node}.embtrain-headless.ns.svc.cluster.local:50051"``) sends session calls to the pod named in the session
     id (``<node>.<token>``). TLS: ``tls=True`` with optional ``root_certificates`` (PEM bytes or a path) and, for
-    mutual TLS, ``certificate_chain`` and ``private_key``. ``retries``: how often a step-numbered session batch is
-    resent while the server is unavailable (safe: the server applies a step once).
+    mutual TLS, ``certificate_chain`` and ``private_key``; ``tls_server_name``: the name the server's certificate
+    must carry when it is not the target's host (default for ``unix:`` targets: ``localhost``). The token travels
+    as call metadata, over TLS, plaintext TCP and Unix sockets alike. ``retries``: how often a step-numbered
+    session batch is resent while the server is unavailable (safe: the server applies a step once).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, timeout: float | None = 30.0, *,
@@ -242,8 +265,12 @@ class Client:
                  certificate_chain: bytes | str | None = None, private_key: bytes | str | None = None,
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, load_balancing: str | None = None,
                  routing_template: str | None = None, options: Iterable[tuple[str, Any]] = (),
-                 retries: int = 5) -> None:
+                 retries: int = 5, tls_server_name: str | None = None,
+                 replicas: Sequence[str] | None = None) -> None:
+        if not isinstance(target, str):  # a list of replica addresses
+            replicas, target = list(target), list(target)[0]
         self.target = target
+        self.replicas = list(replicas) if replicas else []
         self.timeout = timeout
         self.retries = retries
         self._token = token if token is not None else os.environ.get("EMBTRAIN_TOKEN")
@@ -255,6 +282,7 @@ class Client:
         if load_balancing:
             opts.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
         self._options = opts
+        self._tls_server_name = tls_server_name
         self._routing = routing_template
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
@@ -266,10 +294,18 @@ class Client:
         with self._lock:
             ch = self._channels.get(target)
             if ch is None:
-                ch = (grpc.secure_channel(target, self._creds, options=self._options) if self._creds is not None
-                      else grpc.insecure_channel(target, options=self._options))
+                ch = (grpc.secure_channel(target, self._creds, options=self._tls_options(target))
+                      if self._creds is not None else grpc.insecure_channel(target, options=self._options))
                 self._channels[target] = ch
             return ch
+
+    def _tls_options(self, target: str) -> list[tuple[str, Any]]:
+        """A unix: target has no host name to check the certificate against (gRPC would use the socket's path):
+        check ``tls_server_name``, by default ``localhost``, unless the caller's options name one."""
+        name = self._tls_server_name or (UNIX_TLS_SERVER_NAME if is_unix_target(target) else None)
+        if name is None or any(k == _NAME_OVERRIDE for k, _ in self._options):
+            return self._options
+        return [*self._options, (_NAME_OVERRIDE, name)]
 
     def _stubs_for(self, target: str) -> _Stubs:
         with self._lock:
@@ -280,7 +316,9 @@ class Client:
                 stubs = self._stubs.setdefault(target, stubs)
         return stubs
 
-    def _session_stubs(self, session_id: str | None) -> _Stubs:
+    def _session_stubs(self, session_id: str | None, rank: int | None = None) -> _Stubs:
+        if rank is not None and self.replicas:  # member r of a replicated session: replica r mod R
+            return self._stubs_for(self.replicas[rank % len(self.replicas)])
         if session_id and self._routing and "." in session_id:
             return self._stubs_for(self._routing.format(node=session_id.split(".", 1)[0]))
         return self._stubs_for(self.target)
@@ -390,7 +428,7 @@ class Client:
                                per_item_losses=per_item_losses, step=step, rank=rank)
         like = embeddings if embeddings is not None else next(iter(inputs.values()), None)
         dec = _Decoder(like)
-        method = self._session_stubs(session_id).compute
+        method = self._session_stubs(session_id, rank).compute
         for attempt in range(self.retries + 1 if step is not None else 1):
             try:
                 return _result(self._call(method, req, timeout), lambda _: dec)
@@ -454,7 +492,7 @@ class Client:
                 failed.append(exc)
 
         def results() -> Iterator[ComputeResult]:
-            call = self._session_stubs(session_id).stream(requests(), timeout=timeout, metadata=self._metadata())
+            call = self._session_stubs(session_id, rank).stream(requests(), timeout=timeout, metadata=self._metadata())
             try:
                 for data in call:
                     window.release()
@@ -473,10 +511,17 @@ class Client:
     def create_session(self, loss: str, params: Mapping[str, Any] | None = None, *, head: Any = None,
                        optimizer: Mapping[str, Any] | None = None, memory: Mapping[str, Any] | None = None,
                        seed: int | None = None, initial_state: Mapping[str, Any] | None = None,
-                       group_size: int | None = None, group_timeout: float | None = None) -> Session:
+                       group_size: int | None = None, group_timeout: float | None = None,
+                       replicated: bool = False, shard: bool = False) -> Session:
         """A server-side session. ``group_size=W``: W members (``session.member(rank)``) each send their slice of
         every step, and the server computes the step on the slices concatenated in rank order; a step waits at most
-        ``group_timeout`` seconds (default 60) for all of them, then aborts (``embtrain.Aborted``)."""
+        ``group_timeout`` seconds (default 60) for all of them, then aborts (``embtrain.Aborted``).
+
+        ``replicated=True`` (a server that is one of several replicas): the session exists on every replica and
+        its steps are computed by all of them, bit for bit as one server would; ``shard=True`` (implies
+        replicated) splits the anchors of each step between the replicas instead (memory per replica about 1/R,
+        results within float round-off). Give the client the replicas' addresses (``Client([a0, a1, ...])`` or
+        ``replicas=``, see ``replica_addresses``) and member r talks to replica ``r mod R`` by itself."""
         cfg = pb.SessionConfig()
         cfg.loss.name = loss
         cfg.loss.params.CopyFrom(_struct(params))
@@ -492,6 +537,9 @@ class Client:
             cfg.group_size = group_size
         if group_timeout is not None:
             cfg.group_timeout = group_timeout
+        if replicated or shard:
+            cfg.replicated = True
+            cfg.shard = bool(shard)
         for name, value in (initial_state or {}).items():
             try:
                 cfg.initial_state[name].CopyFrom(codec.encode(value, f"initial_state.{name}"))

@@ -27,6 +27,9 @@ def _default_state_dir() -> str:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    # Also listen on this Unix domain socket (co-located clients: `unix:///path`); empty: none. The same
+    # authentication as TCP applies; the socket file is made 0600 and removed on a graceful stop.
+    unix_socket: str = ""
     metrics_host: str = ""  # empty: same as host
     metrics_port: int = 9400  # 0: no metrics endpoint; tests use -1 for "any free port"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -63,6 +66,15 @@ class ServerConfig:
     max_concurrent_streams: int = 256
     max_inflight_per_stream: int = 8
     node_id: str = ""  # prefix of session ids (the pod name in Kubernetes); empty: none
+    # Replicas (``replicas``): R server processes that compute replicated sessions together on torch.distributed.
+    # Also the standard WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT variables (below EMBTRAIN_* in precedence).
+    world_size: int = 1  # 1: a single server, no process group
+    rank: int = 0  # this replica, 0..world_size-1
+    master_addr: str = "127.0.0.1"  # where replica 0 keeps the group's store
+    master_port: int = 29500
+    replica_timeout: float = 10.0  # seconds without a heartbeat before a replica counts as lost
+    collective_timeout: float = 60.0  # seconds a collective of the process group may take
+    digest_every_steps: int = 10  # replicated sessions compare a digest of their state every N steps (0: off)
     reflection: bool = True
     log_level: str = "INFO"
 
@@ -94,6 +106,15 @@ class ServerConfig:
                 problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.unix_socket:
+            problems.extend(_unix_socket_problems(self.unix_socket))
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            problems.append(f"world_size and rank: expected world_size >= 1 and 0 <= rank < world_size, got "
+                            f"world_size {self.world_size}, rank {self.rank}")
+        if not 1 <= self.master_port <= 65535:
+            problems.append(f"master_port: expected 1..65535, got {self.master_port}")
+        if self.replica_timeout <= 0 or self.collective_timeout <= 0 or self.digest_every_steps < 0:
+            problems.append("replica_timeout and collective_timeout: expected > 0; digest_every_steps: expected >= 0")
         if self.node_id and not all(c.isalnum() or c in "-_" for c in self.node_id):
             problems.append(f"node_id: letters, digits, '-' and '_' only, got {self.node_id!r}")
         if problems:
@@ -105,6 +126,33 @@ class ServerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The variables every torch.distributed launcher sets, read as the replica settings of the same meaning.
+STANDARD_ENV = {"WORLD_SIZE": "world_size", "RANK": "rank", "MASTER_ADDR": "master_addr", "MASTER_PORT": "master_port"}
+
+
+# sun_path of struct sockaddr_un is 108 bytes on Linux, one of them the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+def _unix_socket_problems(path: str) -> list[str]:
+    """What is wrong with ``unix_socket`` as a path to bind (absolute or relative to the working directory)."""
+    if path.startswith("unix:"):
+        return [f"unix_socket: expected a file path (the server binds unix:<path> itself), got {path!r}"]
+    if "\0" in path:
+        return ["unix_socket: the path contains a NUL character"]
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        return [f"unix_socket: the path is {size} bytes, longer than the {UNIX_PATH_MAX} a Unix socket address "
+                f"holds; choose a shorter one (e.g. under /run or /tmp): {path!r}"]
+    name = os.path.basename(path)
+    if name in ("", ".", ".."):
+        return [f"unix_socket: expected a file path, got the directory {path!r}"]
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return [f"unix_socket: the directory {parent!r} does not exist"]
+    return []
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
@@ -162,6 +210,9 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if unknown:
             raise ValueError(f"{config_path}: unknown key {unknown[0]!r}; valid keys: {', '.join(by_name)}")
         values.update({k: _coerce(by_name[k], v, f"{config_path}: {k}") for k, v in data.items()})
+    for key, name in STANDARD_ENV.items():  # torch.distributed's own variables, below EMBTRAIN_* ones
+        if key in env:
+            values[name] = _coerce(by_name[name], env[key], key)
     for name, f in by_name.items():
         key = f"EMBTRAIN_{name.upper()}"
         if key in env:

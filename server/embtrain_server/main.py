@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
-from collections.abc import Sequence
+import os
 
-from . import config as config_mod
-from .server import serve
+# torch's C++ layer logs every refused store connection (replica 0 restarting) with a stack trace; the replicas
+# log what matters, and what fails reaches Python as an exception. Set TORCH_CPP_LOG_LEVEL to see it anyway.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from . import config as config_mod  # noqa: E402
+from .server import serve  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,9 @@ _POLL_FIRST, _POLL_MAX = 0.0005, 0.02  # seconds between looks at a store key th
 class _StoreGone(Exception):
     """The store could not be reached (replica 0 is down, or the network)."""
 
+    def __init__(self, why: str) -> None:
+        super().__init__(why.splitlines()[0] if why else "no answer")
+
 
 def _backoff(delay: float) -> float:
     time.sleep(delay)
@@ -127,6 +130,7 @@ class Replicas:
         self._last_seen: dict[int, tuple[bytes, float]] = {}
         self._alive = False
         self._lost: list[int] = []
+        self._addresses: dict[int, str] = {}  # the other replicas' gRPC addresses, for messages
         self._store_why = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -224,7 +228,8 @@ class Replicas:
             try:
                 lost = self._lost
                 if self._up and lost:
-                    why = f"its store does not answer: {self._store_why}" if lost == [0] and self._store_why else ""
+                    why = (f"it keeps the group's store, which does not answer: {self._store_why}"
+                           if lost == [0] and self._store_why else "")
                     self._break(self._lost_text(lost, why))
                 elif self._up and self._epoch_now() != self._epoch:
                     self._break("a replica rejoined the group; it is forming again")
@@ -250,6 +255,9 @@ class Replicas:
             self._store_why = ""
             store.set(f"{self._store_id}/hb/{self.rank}", f"{self.incarnation}:{beat}")
             store.set(f"{self._store_id}/addr/{self.rank}", self.address)
+            for k in range(self.size):
+                if k != self.rank and not self._addresses.get(k):
+                    self._addresses[k] = (self._get_if(store, f"{self._store_id}/addr/{k}") or b"").decode()
             return {k: self._get_if(store, f"{self._store_id}/hb/{k}") for k in range(self.size) if k != self.rank}
         beats = self._call(run)
         now = time.monotonic()
@@ -265,14 +273,11 @@ class Replicas:
     def _epoch_now(self) -> int:
         return int(self._call(lambda s: s.add(f"{self._store_id}/epoch", 0)))
 
+    def _store_unavailable(self, exc: _StoreGone) -> Unavailable:
+        return Unavailable(self._lost_text([0], f"it keeps the group's store, which does not answer: {exc}"))
+
     def _lost_text(self, lost: list[int], why: str = "") -> str:
-        names = []
-        for k in lost:
-            try:
-                addr = self._call(lambda s, k=k: self._get_if(s, f"{self._store_id}/addr/{k}"))
-            except _StoreGone:
-                addr = None
-            names.append(f"replica {k}" + (f" ({addr.decode()})" if addr else ""))
+        names = [f"replica {k}" + (f" ({self._addresses[k]})" if self._addresses.get(k) else "") for k in lost]
         seen = {k: self._last_seen.get(k) for k in lost}
         ago = [f"{time.monotonic() - s[1]:.1f} s" for s in seen.values() if s is not None]
         detail = why or (f"no heartbeat for {', '.join(ago)}" if ago else "never seen")
@@ -433,7 +438,7 @@ class Replicas:
             self._call(run)
         except _StoreGone as exc:
             self._waiting_ops.pop(token, None)
-            raise Unavailable(f"the replicas' store does not answer ({exc}); nothing was done") from None
+            raise self._store_unavailable(exc) from None
         return fut
 
     def _execute(self, epoch: int) -> None:
@@ -557,13 +562,13 @@ class Replicas:
         try:
             attempt = await asyncio.shield(pending.ready)
         except _StoreGone as exc:
-            self._finish(pending, Unavailable(f"the replicas' store does not answer ({exc})"))
+            self._finish(pending, self._store_unavailable(exc))
             return await answer
         pending.attempt = attempt
         try:
             await self._io_call(self._arrive, sid, pending.step, attempt, part.rank, pending.size)
         except _StoreGone as exc:
-            self._finish(pending, Unavailable(f"the replicas' store does not answer ({exc})"))
+            self._finish(pending, self._store_unavailable(exc))
         if not pending.watching:
             pending.watching = True
             asyncio.ensure_future(self._watch_decision(sid, pending))

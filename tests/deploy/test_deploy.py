@@ -114,6 +114,15 @@ K8S_BREAKS = [
     ("pdb.yaml", "      app.kubernetes.io/component: server", "      app.kubernetes.io/component: worker",
      "PodDisruptionBudget"),
     ("configmap.yaml", "drain_seconds: 30", "drain_seconds: 90", "drain_seconds 90"),
+    ("statefulset.yaml", "podManagementPolicy: Parallel", "podManagementPolicy: OrderedReady",
+     "podManagementPolicy must be Parallel"),
+    ("service-headless.yaml", "publishNotReadyAddresses: true", "publishNotReadyAddresses: false",
+     "publishNotReadyAddresses"),
+    ("statefulset.yaml", "  replicas: 2", "  replicas: 3", "WORLD_SIZE is 2"),
+    ("statefulset.yaml", "metadata.labels['apps.kubernetes.io/pod-index']", "metadata.name", "RANK must come"),
+    ("statefulset.yaml", "value: embtrain-0.embtrain-headless", "value: embtrain-1.embtrain-headless",
+     "MASTER_ADDR"),
+    ("statefulset.yaml", 'value: "29500"', 'value: "29501"', "MASTER_PORT"),
 ]
 
 
@@ -264,6 +273,12 @@ COMPOSE_BREAKS = [
      "url: http://localhost:9090", "no data source at http://prometheus:9090"),
     ("grafana/provisioning/dashboards/embtrain.yml", "path: /etc/grafana/dashboards",
      "path: /var/lib/grafana/dashboards", "no dashboard is mounted"),
+    ("docker-compose.replicas.yml", 'RANK: "1"', 'RANK: "0"', "ranks 0..W-1"),
+    ("docker-compose.replicas.yml", "      MASTER_ADDR: embtrain\n      MASTER_PORT: \"29500\"\n      EMBTRAIN_NODE_ID: "
+     "embtrain-1", "      MASTER_ADDR: embtrain-1\n      MASTER_PORT: \"29500\"\n      EMBTRAIN_NODE_ID: embtrain-1",
+     "is not replica 0's service"),
+    ("docker-compose.replicas.yml", "embtrain-state-1:/var/lib/embtrain", "embtrain-state:/var/lib/embtrain",
+     "its own state volume"),
 ]
 
 
