@@ -7,11 +7,7 @@ whatever happened."""
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,75 +28,6 @@ COMMON = ["--metrics-port", "0", "--device", "cpu", "--workers", "1", "--torch-t
           "--drain-seconds", "2"]
 
 
-class Cluster:
-    """R ``embtrain-server`` replicas on loopback (each its own state_dir and log)."""
-
-    def __init__(self, root: pathlib.Path, replicas: int, *extra: str) -> None:
-        self.root, self.size, self.extra = root, replicas, extra
-        self.master_port = process.free_port()
-        self.ports = [process.free_port() for _ in range(replicas)]
-        self.procs: list[subprocess.Popen | None] = [None] * replicas
-        for k in range(replicas):
-            self.spawn(k)
-        for k in range(replicas):
-            self.wait(k)
-
-    @property
-    def addresses(self) -> list[str]:
-        return [f"127.0.0.1:{p}" for p in self.ports]
-
-    def spawn(self, k: int) -> None:
-        state = self.root / f"state{k}"
-        argv = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(self.ports[k]),
-                "--state-dir", str(state), "--world-size", str(self.size), "--rank", str(k),
-                "--master-addr", "127.0.0.1", "--master-port", str(self.master_port), *COMMON, *self.extra]
-        with open(self.root / f"replica{k}.log", "ab") as log:
-            self.procs[k] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait(self, k: int, seconds: float = 90.0) -> None:
-        proc = self.procs[k]
-        assert proc is not None
-        process.wait_serving(self.addresses[k], lambda: proc.poll() is None, seconds,
-                             describe=lambda: self.log(k)[-3000:])
-
-    def log(self, k: int) -> str:
-        return (self.root / f"replica{k}.log").read_text(errors="replace")
-
-    def kill(self, k: int) -> None:
-        proc = self.procs[k]
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-
-    def close(self) -> None:
-        for proc in self.procs:  # SIGTERM to all first: they drain together
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            if proc is not None:
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-
-    def client(self, **kw: Any) -> embtrain.Client:
-        return embtrain.Client(self.addresses, **kw)
-
-
-@contextlib.contextmanager
-def cluster(root: pathlib.Path, replicas: int, *extra: str) -> Iterator[Cluster]:
-    c = None
-    try:
-        c = Cluster(root, replicas, *extra)
-        yield c
-    finally:
-        if c is not None:
-            c.close()
-        else:  # a replica failed to start: kill whatever did start
-            subprocess.run(["pkill", "-9", "-f", f"--state-dir {root}"], check=False)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embtrain.Client]:
     """One server process, the same settings, no replicas."""
@@ -111,8 +38,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embtrain.Cli
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["R2", "R3"])
-def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with cluster(tmp_path_factory.mktemp(f"r{request.param}"), request.param, "--replica-timeout", "3") as c:
+def replicas(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[process.ReplicaGroup]:
+    with process.replica_group(tmp_path_factory.mktemp(f"r{request.param}"), request.param, *COMMON,
+                               "--replica-timeout", "3") as c:
         yield c
 
 
@@ -142,11 +71,12 @@ def assert_member_answers(got: dict[int, Any], want: Any, parts: list[tuple[np.n
         offset += n
 
 
-def replica_sessions(c: Cluster, sid: str) -> list[embtrain.Session]:
+def replica_sessions(c: process.ReplicaGroup, sid: str) -> list[embtrain.Session]:
     return [embtrain.Client(a).get_session(sid) for a in c.addresses]
 
 
-def test_replicate_mode_is_one_server_on_the_concatenation(replicas: Cluster, reference: embtrain.Client) -> None:
+def test_replicate_mode_is_one_server_on_the_concatenation(replicas: process.ReplicaGroup,
+                                                           reference: embtrain.Client) -> None:
     client = replicas.client()
     cfg = dict(CONFIG)
     group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True, **cfg)
@@ -168,7 +98,8 @@ def test_replicate_mode_is_one_server_on_the_concatenation(replicas: Cluster, re
             embtrain.Client(address).get_session(group.id)
 
 
-def test_a_withheld_member_aborts_the_step_on_every_replica(replicas: Cluster, reference: embtrain.Client) -> None:
+def test_a_withheld_member_aborts_the_step_on_every_replica(replicas: process.ReplicaGroup,
+                                                            reference: embtrain.Client) -> None:
     client = replicas.client()
     cfg = dict(CONFIG)
     group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True,
@@ -191,7 +122,7 @@ def test_a_withheld_member_aborts_the_step_on_every_replica(replicas: Cluster, r
     group.close()
 
 
-def test_bad_input_is_refused_on_every_replica(replicas: Cluster) -> None:
+def test_bad_input_is_refused_on_every_replica(replicas: process.ReplicaGroup) -> None:
     client = replicas.client()
     cfg = dict(CONFIG)
     group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True,
@@ -223,7 +154,7 @@ def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Pat
     and goes on serving its ordinary sessions; the replica restarts from its own state_dir (its checkpoint is
     older), the group forms again, levels the session and the next step equals one server's."""
     other = 1 - lost
-    with cluster(tmp_path, 2, "--replica-timeout", "1.5") as c:
+    with process.replica_group(tmp_path, 2, *COMMON, "--replica-timeout", "1.5") as c:
         client = c.client(retries=0)
         cfg = dict(CONFIG)
         group = client.create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True, **cfg)

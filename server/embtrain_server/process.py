@@ -1,6 +1,6 @@
 """Run ``embtrain-server`` as a child process, for the benchmarks, the digits demo and the tests that need a real
 process (signals, restarts): a free loopback port, a wait until the health service says SERVING, and a graceful
-stop (SIGTERM, then SIGKILL after a grace period)."""
+stop (SIGTERM, then SIGKILL after a grace period); ``ReplicaGroup``, R replicas of one group."""
 
 from __future__ import annotations
 
@@ -85,3 +85,78 @@ def running(args: Sequence[str] = (), *, log_path: pathlib.Path | None = None,
             yield target, proc
         finally:
             stop(proc, grace)
+
+
+class ReplicaGroup:
+    """R ``embtrain-server`` replicas of one group on loopback, each with its own state_dir and log under
+    ``root`` (``replica<k>.log``); ``extra`` flags go to every replica. For the tests and benchmarks of replicas:
+    ``kill(k)`` (SIGKILL) and ``spawn(k)`` + ``wait(k)`` restart one; ``close()`` stops them all."""
+
+    def __init__(self, root: pathlib.Path, replicas: int, *extra: str, startup_seconds: float = 120.0) -> None:
+        self.root, self.size, self.extra = root, replicas, extra
+        self.master_port = free_port()
+        self.ports = [free_port() for _ in range(replicas)]
+        self.procs: list[subprocess.Popen | None] = [None] * replicas
+        try:
+            for k in range(replicas):
+                self.spawn(k)
+            for k in range(replicas):
+                self.wait(k, startup_seconds)
+        except BaseException:
+            self.close(grace=0)
+            raise
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def spawn(self, k: int) -> None:
+        argv = [sys.executable, "-m", "embtrain_server.main", "--host", "127.0.0.1", "--port", str(self.ports[k]),
+                "--state-dir", str(self.root / f"state{k}"), "--world-size", str(self.size), "--rank", str(k),
+                "--master-addr", "127.0.0.1", "--master-port", str(self.master_port), *self.extra]
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"replica{k}.log", "ab") as log:
+            self.procs[k] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self, k: int, seconds: float = 120.0) -> None:
+        proc = self.procs[k]
+        assert proc is not None
+        wait_serving(self.addresses[k], lambda: proc.poll() is None, seconds, describe=lambda: self.log(k)[-3000:])
+
+    def log(self, k: int) -> str:
+        path = self.root / f"replica{k}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, k: int) -> None:
+        proc = self.procs[k]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def close(self, grace: float = 15.0) -> None:
+        """SIGTERM to every replica (they drain together), SIGKILL to those still running after ``grace``."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def client(self, **kwargs: Any) -> embtrain.Client:
+        """A client that knows every replica (member r goes to replica r mod R)."""
+        return embtrain.Client(self.addresses, **kwargs)
+
+
+@contextlib.contextmanager
+def replica_group(root: pathlib.Path, replicas: int, *extra: str) -> Iterator[ReplicaGroup]:
+    group = ReplicaGroup(root, replicas, *extra)
+    try:
+        yield group
+    finally:
+        group.close()
