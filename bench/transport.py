@@ -24,6 +24,10 @@ framing against plain protobuf objects (no server; ``--only framing`` runs just 
     python bench/transport.py [--device cpu|cuda] [--sizes 256,1024,4096] [--dims 128,512]
                               [--dtypes float32,float16] [--repeats 15] [--seconds 3] [--markdown]
     python bench/transport.py --only framing [--framing-sizes 2,8]
+    python bench/transport.py --only unix [--sizes 256,4096] [--dims 128]     # or --unix with a full run
+
+``--unix`` (or ``--only unix``, just this section) also serves embtrain and the echo on Unix domain sockets and
+times ``Compute`` and the echo over the socket against TCP loopback, interleaved, same processes and bytes.
 
 Targets (issue 7): Compute <= in-process + 1.25 x echo (unary); stream rate >= 0.8 x min(in-process rate, echo
 stream rate); decode and encode copy each tensor at most once.
@@ -39,10 +43,12 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -66,10 +72,10 @@ MB = 1024 * 1024
 # ---- the echo server (run as a subprocess: ``transport.py --serve-echo``) -----------------------------------------
 
 
-def serve_echo() -> None:
+def serve_echo(unix_path: str = "") -> None:
     """A grpc.aio server with embtrain's server options and two generic handlers on raw bytes: ``Unary`` and
     ``Stream`` answer each request with a cached payload of the size named in the ``x-response-bytes`` metadata.
-    Prints its port on stdout, then runs until SIGTERM."""
+    Also listens on the Unix socket ``unix_path`` if given. Prints its port on stdout, then runs until SIGTERM."""
     from embtrain_server.config import ServerConfig
     from embtrain_server.server import grpc_options
 
@@ -95,6 +101,8 @@ def serve_echo() -> None:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.stream_stream_rpc_method_handler(stream)}),))
         port = server.add_insecure_port("127.0.0.1:0")
+        if unix_path:
+            server.add_insecure_port(f"unix:{unix_path}")
         await server.start()
         print(port, flush=True)
         stop = asyncio.Event()
@@ -111,10 +119,11 @@ def serve_echo() -> None:
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[str]:
+def echo_server(unix_path: str = "") -> Iterator[str]:
     from embtrain_server import process
 
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-echo"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-echo", *([unix_path] if unix_path else [])],
+                            stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line.strip().isdigit():
@@ -125,13 +134,16 @@ def echo_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def embtrain_server(device: str, workers: int, log_path: pathlib.Path) -> Iterator[tuple[str, str]]:
-    """An ``embtrain-server`` subprocess; yields its target and its metrics URL."""
+def embtrain_server(device: str, workers: int, log_path: pathlib.Path,
+                    unix_socket: str = "") -> Iterator[tuple[str, str]]:
+    """An ``embtrain-server`` subprocess (also on the Unix socket ``unix_socket`` if given); yields its TCP target
+    and its metrics URL."""
     from embtrain_server import process
 
     metrics_port = process.free_port()
     args = ["--metrics-port", str(metrics_port), "--no-persist", "--device", device, "--drain-seconds", "2",
-            "--workers", str(workers), "--log-level", "WARNING"]
+            "--workers", str(workers), "--log-level", "WARNING", *(["--unix-socket", unix_socket] if unix_socket
+                                                                   else [])]
     with process.running(args, log_path=log_path, grace=20.0,
                          env={"OMP_WAIT_POLICY": SERVER_OMP_WAIT_POLICY}) as (target, _):
         yield target, f"http://127.0.0.1:{metrics_port}/metrics"
@@ -269,6 +281,58 @@ def bench_unary(client: Any, echo: grpc.Channel, metrics_url: str, loss: str, pa
         "target_ms": budget, "meets_target": med["compute"] <= budget,
         "samples_ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()},
     }
+
+
+# ---- Unix socket vs TCP loopback ------------------------------------------------------------------------------
+
+
+def bench_unix(tcp: Any, uds: Any, tcp_echo: grpc.Channel, uds_echo: grpc.Channel, loss: str,
+               params: dict[str, Any], n: int, d: int, dtype: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Unary Compute and echo round trips of the same bytes to the same two server processes, over TCP loopback
+    and over their Unix sockets, interleaved: median ms and the ratios Unix / TCP."""
+    x, y = make_batch(n, d, dtype)
+    _, req_bytes = tcp._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,
+                                triplets=True, max_triplets=0, per_item_losses=False)
+    resp_size = len(tcp._stubs_for(tcp.target).compute(req_bytes, timeout=600))
+    meta = (("x-response-bytes", str(resp_size)),)
+    echo_tcp, echo_uds = (ch.unary_unary(f"/{ECHO_SERVICE}/Unary") for ch in (tcp_echo, uds_echo))
+    runs = {
+        "compute_tcp": lambda: tcp.compute(x, y, loss=loss, params=params),
+        "compute_unix": lambda: uds.compute(x, y, loss=loss, params=params),
+        "echo_tcp": lambda: echo_tcp(req_bytes, metadata=meta, timeout=600),
+        "echo_unix": lambda: echo_uds(req_bytes, metadata=meta, timeout=600),
+    }
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():  # interleaved: background noise hits all four alike
+            times[k].append(timed(fn))
+    med = {k: median_ms(v) for k, v in times.items()}
+    return {
+        "n": n, "d": d, "dtype": dtype, "request_bytes": len(req_bytes), "response_bytes": resp_size,
+        **{f"{k}_ms": v for k, v in med.items()},
+        "compute_ratio": med["compute_unix"] / med["compute_tcp"], "echo_ratio": med["echo_unix"] / med["echo_tcp"],
+        "samples_ms": {k: [round(1000 * t, 3) for t in v] for k, v in times.items()},
+    }
+
+
+def render_unix(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**Unix socket vs TCP loopback** (unary round trips to the same server processes, interleaved; median ms of "
+        f"{result['repeats']} after {result['warmup']} warm-up calls). Compute includes the loss's compute; the "
+        "echo is the transport alone. Ratio = Unix / TCP.",
+        "",
+        "| n | d | dtype | request | response | Compute TCP | Compute Unix | ratio | echo TCP | echo Unix | ratio |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["unix"]:
+        lines.append(f"| {r['n']} | {r['d']} | {r['dtype']} | {_size(r['request_bytes'])} | "
+                     f"{_size(r['response_bytes'])} | {r['compute_tcp_ms']:.2f} | {r['compute_unix_ms']:.2f} | "
+                     f"{r['compute_ratio']:.2f} | {r['echo_tcp_ms']:.3f} | {r['echo_unix_ms']:.3f} | "
+                     f"{r['echo_ratio']:.2f} |")
+    return lines
 
 
 # ---- streams -------------------------------------------------------------------------------------------------
@@ -718,6 +782,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Reading a decoded request tensor's data makes new bytes on every access: "
                      f"{'yes' if prof['tensor_data_access_makes_new_bytes'] else 'no (it views the received bytes)'}.")
+    if result.get("unix"):
+        lines += ["", *render_unix(result)]
     if result.get("framing"):
         lines += ["", *render_framing(result["framing"])]
     return "\n".join(lines)
@@ -733,6 +799,21 @@ def render_framing_only(result: dict[str, Any]) -> str:
         f"{m.get('protobuf', '?')}, numpy {m['numpy']}; {m['date']}.",
         "",
         *render_framing(result["framing"]),
+    ])
+
+
+def render_unix_only(result: dict[str, Any], heading: bool = True) -> str:
+    """The report of ``--only unix``: the machine, then the Unix socket vs TCP table (in bench/README.md under
+    a heading of its own: ``heading=False``)."""
+    m = result["machine"]
+    return "\n".join([
+        *(["### Unix socket vs TCP loopback", ""] if heading else []),
+        f"Machine: {m['cpu']}, {_cores(m)}; device `{m['device']}`; Python {m['python']}, torch {m['torch']}, "
+        f"grpcio {m['grpcio']}; {m['date']}; load average at start "
+        f"{', '.join(f'{v:.1f}' for v in m.get('load_average', ()))}. Loss `{result['loss']}` "
+        f"{json.dumps(result['params'])}.",
+        "",
+        *render_unix(result),
     ])
 
 
@@ -765,7 +846,7 @@ def _shape(s: str) -> tuple[int, int, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--serve-echo"]:
-        serve_echo()
+        serve_echo(sys.argv[2] if len(sys.argv) > 2 else "")
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the server's and the in-process device")
@@ -787,8 +868,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--framing-sizes", default=",".join(map(str, FRAMING_SIZES_MB)),
                    help="payload sizes (MB) of the hand framing vs protobuf rows")
     p.add_argument("--no-framing", action="store_true", help="skip the hand framing vs protobuf rows")
-    p.add_argument("--only", choices=["framing"], help="measure only this section (framing: no server, a few "
-                   "seconds; JSON to --out, default bench/results/transport-framing.json)")
+    p.add_argument("--unix", action="store_true", help="also time Compute and the echo over Unix domain sockets "
+                   "against TCP loopback (--sizes x --dims x --dtypes, unary)")
+    p.add_argument("--only", choices=["framing", "unix"], help="measure only this section (framing: no server, a "
+                   "few seconds; JSON to --out, default bench/results/transport-framing.json; unix: the --unix rows, "
+                   "default bench/results/transport-unix-<device>.json)")
     p.add_argument("--from-json", help="measure nothing: render this earlier result (with --markdown to store it)")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/transport-<device>.json)")
     p.add_argument("--markdown", nargs="?", const=str(ROOT / "bench" / "README.md"), default=None,
@@ -797,13 +881,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.from_json:
         result = json.loads(pathlib.Path(args.from_json).read_text())
-        framing_only = "unary" not in result  # written by --only framing
-        text = render_framing_only(result) if framing_only else render(result)
+        tag = "cuda" if "gpu" in result["machine"] else "cpu"
+        if "unary" in result:
+            text, key = render(result), f"transport-{tag}"
+        elif "unix" in result:  # written by --only unix
+            text, key = render_unix_only(result), f"transport-unix-{tag}"
+        else:  # written by --only framing
+            text, key = render_framing_only(result), "transport-framing"
         print(text)
         if args.markdown:
-            tag = "cuda" if "gpu" in result["machine"] else "cpu"
-            write_markdown(pathlib.Path(args.markdown), "transport-framing" if framing_only else f"transport-{tag}",
-                           text)
+            write_markdown(pathlib.Path(args.markdown), key,
+                           render_unix_only(result, heading=False) if key.startswith("transport-unix") else text)
             print(f"\nupdated {args.markdown}")
         return 0
 
@@ -829,20 +917,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     import embtrain
 
     dev_tag = "cuda" if args.device.startswith("cuda") else "cpu"
-    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"transport-{dev_tag}.json")
-    result: dict[str, Any] = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats,
-                              "seconds": args.seconds, "stream_repeats": args.stream_repeats,
-                              "in_flight": args.in_flight, "unary": [], "streams": []}
+    only_unix = args.only == "unix"
+    name = f"transport-unix-{dev_tag}" if only_unix else f"transport-{dev_tag}"
+    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"{name}.json")
+    result: dict[str, Any] = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats}
+    if not only_unix:
+        result.update({"seconds": args.seconds, "stream_repeats": args.stream_repeats, "in_flight": args.in_flight,
+                       "unary": [], "streams": []})
+    if args.unix or only_unix:
+        result["unix"] = []
+    # Short socket paths (a Unix socket address holds 107 bytes), removed at the end.
+    sock_dir = tempfile.mkdtemp(prefix="embtrain-bench-", dir="/tmp") if "unix" in result else ""
+    server_sock, echo_sock = ((os.path.join(sock_dir, "embtrain.sock"), os.path.join(sock_dir, "echo.sock"))
+                              if sock_dir else ("", ""))
     print(f"machine: {result['machine']}", flush=True)
-    with embtrain_server(args.device, args.workers, out.parent / f"transport-{dev_tag}-server.log") as (target, murl), \
-            echo_server() as echo_target, embtrain.Client(target, timeout=600.0) as client, \
+    # Entered first, so it exits last: the socket directory goes after both servers stopped.
+    cleanup = contextlib.ExitStack()
+    if sock_dir:
+        cleanup.callback(shutil.rmtree, sock_dir, True)
+    server_log = out.parent / f"{name}-server.log"
+    with cleanup, embtrain_server(args.device, args.workers, server_log, server_sock) as (target, murl), \
+            echo_server(echo_sock) as echo_target, embtrain.Client(target, timeout=600.0) as client, \
             grpc.insecure_channel(echo_target, options=channel_options()) as echo:
         names = {li.name for li in client.losses()}
         loss = args.loss if args.loss in names else "contrastive"
         params: dict[str, Any] = {}
         result["loss"], result["params"] = loss, params
         print(f"loss {loss}; embtrain at {target}, echo at {echo_target}", flush=True)
-        for dtype in args.dtypes.split(","):
+        for dtype in args.dtypes.split(",") if not only_unix else ():
             for d in _ints(args.dims):
                 for n in _ints(args.sizes):
                     r = bench_unary(client, echo, murl, loss, params, args.device, n, d, dtype, args.warmup,
@@ -853,12 +955,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"{r['server_compute_ms']:.2f}), echo {r['echo_ms']:.2f} ms -> overhead "
                           f"{r['overhead_over_echo']:.2f} x echo ({'met' if r['meets_target'] else 'MISSED'})",
                           flush=True)
-        if args.streams:
+        if args.streams and not only_unix:
             for shape in args.stream_shapes.split(","):
                 n, d, dtype = _shape(shape)
                 result["streams"] += bench_streams(client, echo, loss, params, args.device, n, d, dtype,
                                                    _ints(args.streams), args.seconds, args.stream_repeats,
                                                    args.in_flight)
+        if "unix" in result:
+            with embtrain.Client(f"unix://{server_sock}", timeout=600.0) as uds, \
+                    grpc.insecure_channel(f"unix://{echo_sock}", options=channel_options()) as uds_echo:
+                for dtype in args.dtypes.split(","):
+                    for d in _ints(args.dims):
+                        for n in _ints(args.sizes):
+                            r = bench_unix(client, uds, echo, uds_echo, loss, params, n, d, dtype, args.warmup,
+                                           args.repeats)
+                            result["unix"].append(r)
+                            print(f"  unix {n}x{d} {dtype}: Compute TCP {r['compute_tcp_ms']:.2f} ms, Unix "
+                                  f"{r['compute_unix_ms']:.2f} ms ({r['compute_ratio']:.2f}x); echo TCP "
+                                  f"{r['echo_tcp_ms']:.3f} ms, Unix {r['echo_unix_ms']:.3f} ms "
+                                  f"({r['echo_ratio']:.2f}x)", flush=True)
+    if only_unix:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        text = render_unix_only(result)
+        print()
+        print(text)
+        if args.markdown:
+            write_markdown(pathlib.Path(args.markdown), f"transport-unix-{dev_tag}",
+                           render_unix_only(result, heading=False))
+            print(f"\nupdated {args.markdown}")
+        print(f"wrote {out}")
+        return 0
     if not args.no_profile:
         result["profile"] = profile(loss, params, args.device, 1024, 512, "float32", max(args.repeats, 15))
     if not args.no_framing:

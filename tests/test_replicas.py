@@ -195,3 +195,58 @@ def test_a_lost_replica_is_named_and_the_group_forms_again(tmp_path: pathlib.Pat
         for s in replica_sessions(c, group.id):
             assert s.info().step == 3 and s.export_model().weights == ref.export_model().weights
         assert f"took step 2 from replica {other}" in c.log(lost)
+
+
+SHARD_CONFIG: dict[str, Any] = dict(CONFIG, optimizer={"type": "sgd", "lr": 0.1})
+SHARD_RTOL = 1e-5  # float32: the replicas sum their partial losses and gradients in another order than one server
+
+
+@pytest.mark.parametrize("loss, params", [("batch_hard_triplet", {"margin": 0.2}),
+                                          ("multi_similarity", {}), ("contrastive", {"margin": 1.5})])
+def test_shard_mode_is_one_server_within_round_off(replicas: process.ReplicaGroup, reference: embtrain.Client,
+                                                    loss: str, params: dict[str, Any]) -> None:
+    """Each replica computes its share of the anchors; loss, gradients and the head's weights stay within float32
+    round-off of one server's (max |difference| / max |value| <= 1e-5 after three SGD steps), the mined triplets
+    are the same, and every replica holds bit-identical state (they apply the same summed gradients)."""
+    client = replicas.client()
+    cfg = {k: v for k, v in SHARD_CONFIG.items() if k not in ("loss", "params")}
+    group = client.create_session(loss, params, group_size=W, shard=True, **cfg)
+    ref = reference.create_session(loss, params, **cfg)
+
+    def close(a: np.ndarray, b: np.ndarray) -> None:
+        assert a.shape == b.shape
+        if not b.size:
+            return
+        scale = max(float(np.abs(b).max()), 1e-30)
+        assert float(np.abs(a - b).max()) / scale <= SHARD_RTOL
+
+    for step, parts in enumerate(steps_data(), start=1):
+        got = replicated_step(group, parts, step, seed=step)
+        want = ref.compute(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        offset = 0
+        for r, (x, _) in enumerate(parts):
+            res = got[r]
+            assert not isinstance(res, Exception), res
+            assert abs(res.loss - want.loss) <= SHARD_RTOL * max(abs(want.loss), 1e-30)
+            close(res.gradient, want.gradient[offset:offset + len(x)])
+            if want.triplets is None:  # a loss that mines none
+                assert res.triplets is None
+            else:
+                mine = ((want.triplets >= offset) & (want.triplets < offset + len(x))).any(1)
+                np.testing.assert_array_equal(res.triplets, want.triplets[mine])
+            assert res.triplets_total == want.triplets_total
+            offset += len(x)
+    weights = [s.export_model().weights for s in replica_sessions(replicas, group.id)]
+    assert all(w == weights[0] for w in weights)  # identical on every replica
+    from safetensors.numpy import load as st_load
+    mine, theirs = st_load(weights[0]), st_load(ref.export_model().weights)
+    for name in theirs:
+        close(mine[name], theirs[name])
+    assert group.info().config["shard"] is True
+    group.close()
+
+
+def test_shard_mode_refuses_a_loss_that_cannot_split_its_anchors(replicas: process.ReplicaGroup) -> None:
+    with pytest.raises(embtrain.InvalidArgument) as info:
+        replicas.client().create_session("island", {"num_classes": 3}, group_size=W, shard=True)
+    assert info.value.fields == ["config.shard"]

@@ -41,7 +41,8 @@ def _main(argv: Sequence[str] | None) -> int:
     # The connection options are accepted before or after the subcommand (`embtrain health --target ...`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=argparse.SUPPRESS,
-                        help="server address (env EMBTRAIN_TARGET; default 127.0.0.1:50051)")
+                        help="server address: host:port, unix:///path or any gRPC target (env EMBTRAIN_TARGET; "
+                        "default 127.0.0.1:50051)")
     common.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (default: env EMBTRAIN_TOKEN)")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per call (default 10)")
     common.add_argument("--tls", action="store_true", default=argparse.SUPPRESS, help="connect with TLS")

@@ -56,6 +56,15 @@ def loss_info(cls: type[Loss]) -> pb.LossInfo:
     return info
 
 
+def replicas_of(replicas: Any, session: Session) -> Any:
+    """The replicas that serve a replicated session; a server started alone cannot (a checkpoint of a replicated
+    session restored by a single server)."""
+    if replicas is None:
+        raise FailedPrecondition(f"session_id: session {session.id!r} is replicated, and this server runs alone "
+                                 "(world_size 1); start it as one of the replicas again", field="session_id")
+    return replicas
+
+
 class Service:
     def __init__(self, config: ServerConfig, device: torch.device, store: SessionStore, checkpointer: Checkpointer,
                  metrics: Metrics) -> None:
@@ -140,7 +149,7 @@ class Service:
         session = self.store.get(req.session_id, principal)
         if session.spec.replicated:  # closed on every replica
             info = self.session_info(session)
-            self.replicas.close(session, req.keep_checkpoint)
+            replicas_of(self.replicas, session).close(session, req.keep_checkpoint)
             return pb.CloseSessionResponse(session=info)
         self.checkpointer.on_close(session, keep=req.keep_checkpoint)
         info = self.session_info(session)

@@ -33,7 +33,7 @@ from .identity import current_principal
 from .metrics import Metrics
 from .scheduler import Admission, Scheduler
 from .batches import Batches
-from .service import Service
+from .service import Service, replicas_of
 from .streams import Draining, StreamPump
 from .translate import to_grpc_status, to_status_proto
 
@@ -224,7 +224,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             return await self.scheduler.run(_parsed_first(self.batches.compute), req, principal, stop=stop)
         session = self.batches.session_for(req, principal)
         if session is not None and session.spec.replicated:  # computed by the replicas together
-            self.replicas.require_up()
+            replicas_of(self.replicas, session).require_up()
             part = await self.scheduler.run(self.batches.slice_of, req, session, session_id=session.id,
                                             cancelled=cancelled)
             if isinstance(part, bytes):

@@ -29,6 +29,7 @@ from .validation import IDS_INPUT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sessions import Session, SessionSpec
+    from .sharding import Shard
 
 # Loss state that is initialised by foreign code from the process-wide generator (PML's learnable losses seed it
 # inside a forked RNG) is built under one lock, so sessions do not re-seed each other.
@@ -169,9 +170,12 @@ class _Snapshot:
 
 
 def prepare(session: Session, inputs: dict[str, torch.Tensor], options: compute.ComputeOptions,
-            compute_dtype: str) -> Pending:
+            compute_dtype: str, shard: Shard | None = None) -> Pending:
     """Run one validated batch on ``session`` without applying it. A first batch builds the state, which the
-    session keeps only if the batch is committed. Every allocation the commit needs happens here."""
+    session keeps only if the batch is committed. Every allocation the commit needs happens here.
+
+    ``shard``: this replica's share of a step that several replicas compute on the same global batch (passed to
+    ``compute.forward_backward``)."""
     emb = inputs["embeddings"]
     ts = session.state if session.state is not None else build(session.spec, session.initial_state,
                                                                int(emb.shape[1]), session.device)
@@ -185,7 +189,7 @@ def prepare(session: Session, inputs: dict[str, torch.Tensor], options: compute.
         p = compute.forward_backward(
             ts.loss, inputs, device=session.device, compute_dtype=dtype, options=options, head=ts.head,
             memory=ts.memory.view() if ts.memory is not None and ts.memory.fill else None, trainable=ts.trainable,
-            training=True, state_optimized_externally=ts.state_external)
+            training=True, state_optimized_externally=ts.state_external, shard=shard)
         if ts.memory is not None:
             ts.memory.reserve(p.loss_inputs["embeddings"].dtype)
     except BaseException:

@@ -2,7 +2,8 @@
 
 Everything here works on *candidates*: anchors are the ``n`` batch rows; positives and negatives come from the
 batch rows followed by the cross-batch memory rows (candidate index ``j >= n`` is memory row ``j - n``).
-Memory rows never receive gradient.
+Memory rows never receive gradient. In shard mode (``Candidates.rows``) the miners and reducers take the anchors
+of one row range only, against every candidate; counts and sums are then this range's, gradients partial.
 
 Memory stays O(block · m): distance rows are computed per block of anchors, and the O(n·K·m) triplet work runs
 on chunks of positive pairs (or on sorted rows, see ``all_triplets``). Gradients are computed here, never through
@@ -81,17 +82,26 @@ class Candidates:
     yr: Tensor  # [m]
     npos: Tensor  # [n] candidates with the anchor's label, the anchor itself excluded
     nneg: Tensor  # [n] candidates with another label
+    # The anchors the miners and reducers take, [lo, hi) (shard mode); None: every batch row.
+    anchor_range: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
 
     @property
+    def rows(self) -> tuple[int, int]:
+        """The anchor rows ``[lo, hi)`` (all ``n`` batch rows unless sharded)."""
+        return self.anchor_range if self.anchor_range is not None else (0, self.x.shape[0])
+
+    @property
     def m(self) -> int:
         return self.r.shape[0]
 
 
-def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | None) -> Candidates:
+def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | None,
+                    rows: tuple[int, int] | None = None) -> Candidates:
+    """Candidates for anchors ``rows`` (``[lo, hi)``, shard mode; None: every batch row)."""
     x = embeddings.detach()
     x = x.to(work_dtype(x.dtype))
     n = x.shape[0]
@@ -104,13 +114,16 @@ def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | 
         r, yr = x, y
     uniq, counts = torch.unique(yr, return_counts=True)
     same = counts[torch.searchsorted(uniq, y)]  # every anchor label occurs among the candidates
-    return Candidates(x, r, y, yr, same - 1, r.shape[0] - same)
+    if rows is not None and tuple(rows) == (0, n):
+        rows = None
+    return Candidates(x, r, y, yr, same - 1, r.shape[0] - same, None if rows is None else (int(rows[0]), int(rows[1])))
 
 
-def row_blocks(n: int, m: int, device: torch.device) -> Iterator[tuple[int, int]]:
-    """Anchor blocks [s, e) whose distance rows fit the block budget; a cancelled call stops between blocks."""
+def row_blocks(n: int, m: int, device: torch.device, start: int = 0) -> Iterator[tuple[int, int]]:
+    """Anchor blocks [s, e) covering [start, n) whose distance rows fit the block budget; a cancelled call stops
+    between blocks."""
     rows = max(1, _budget(device) // max(m, 1))
-    for s in range(0, n, rows):
+    for s in range(start, n, rows):
         cancellation.check()
         yield s, min(n, s + rows)
 
@@ -186,7 +199,8 @@ def mine_batch_hard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, 
     Ties go to the lowest index (torch's argmax/argmin return the first extremum). Returns ``(a, p*, n*)``.
     """
     out: list[tuple[Tensor, Tensor, Tensor]] = []
-    for s, e in row_blocks(c.n, c.m, c.x.device):
+    lo, hi = c.rows
+    for s, e in row_blocks(hi, c.m, c.x.device, lo):
         valid = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(valid.any()):
             continue
@@ -209,7 +223,8 @@ def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Te
     the minimum over buckets >= k (a suffix minimum over K+1 buckets).
     """
     out: list[tuple[Tensor, Tensor, Tensor]] = []
-    for s, e in row_blocks(c.n, c.m, c.x.device):
+    lo, hi = c.rows
+    for s, e in row_blocks(hi, c.m, c.x.device, lo):
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
             continue
@@ -363,6 +378,9 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
     ``dist.backward``. For the plain hinge the counts and sums come from bucketing each anchor's negatives by its
     K sorted thresholds (O(m log K) per anchor instead of O(K·m)); the soft, swap and per-triplet variants
     evaluate ``[pairs_chunk, m]`` hinge matrices.
+
+    Only the anchors ``c.rows`` are taken (shard mode): the counts and sums are theirs, the gradient (still
+    ``[n, d]``) is their terms' part, and ``per_anchor`` (still ``[n]``) is zero outside them.
     """
     n, m = c.n, c.m
     dev, dt = c.x.device, c.x.dtype
@@ -374,7 +392,8 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
     sum_dap = torch.zeros((), dtype=torch.float64, device=dev)
     sum_dan = torch.zeros((), dtype=torch.float64, device=dev)
     bucket_path = not (soft or swap or want_values)
-    for s, e in row_blocks(n, m, dev):
+    lo, hi = c.rows
+    for s, e in row_blocks(hi, m, dev, lo):
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
             continue
@@ -472,8 +491,9 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
         gx, gr = dist.backward(c.x[s:e], c.r, coef, d, aux)
         grad[s:e] += gx
         grad += gr
-    valid = (c.npos > 0) & (c.nneg > 0)
-    selected = int((c.npos * c.nneg)[valid].sum()) if n else 0
+    npos, nneg = (c.npos, c.nneg) if c.anchor_range is None else (c.npos[lo:hi], c.nneg[lo:hi])
+    valid = (npos > 0) & (nneg > 0)
+    selected = int((npos * nneg)[valid].sum()) if npos.numel() else 0
     return AllTriplets(
         loss_sum=float(loss_sum), selected=selected, active=int(active), valid_anchors=int(valid.sum()),
         grad=grad[:n], per_anchor=per_anchor,

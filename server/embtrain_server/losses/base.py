@@ -18,6 +18,7 @@ import torch
 
 from ..errors import FailedPrecondition, InvalidArgument, invalid
 from ..params import Param, Schema
+from ..sharding import Shard
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,17 @@ class ComputeContext:
     # True when the session's optimiser steps the loss's trainable state (its nn.Parameters); the loss's own
     # ``update`` must then leave those parameters alone.
     state_optimized_externally: bool = False
+    # Shard mode (only for a loss with ``shardable``): compute the terms of the anchors ``shard.rows(n)`` only;
+    # see ``Loss.shardable``. None: the whole batch.
+    shard: Shard | None = None
+
+    def anchor_rows(self, n: int) -> tuple[int, int]:
+        """The batch rows whose anchor terms this call computes: ``[0, n)``, or the shard's rows."""
+        return (0, n) if self.shard is None else self.shard.rows(n)
+
+    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the shards (``t`` itself without a shard)."""
+        return t if self.shard is None else self.shard.all_reduce(t)
 
 
 @dataclass
@@ -103,6 +115,32 @@ class Loss(ABC):
     # rule (PML's learnable losses) has its trainable state stepped by the session's optimiser; a loss with one
     # hands it to the optimiser only when the client configured an optimiser.
     has_update_rule: ClassVar[bool] = True
+    shardable: ClassVar[bool] = False
+    """Whether ``forward`` honours ``ctx.shard`` (shard mode, ``embtrain_server.sharding``). With ``ctx.shard``
+    set and a batch of ``n`` rows, a shardable loss promises:
+
+    * it computes only the terms of the anchors ``ctx.shard.rows(n)`` against every candidate (all batch rows,
+      then the memory rows), so its pairwise working memory is O(n/R · m) instead of O(n · m);
+    * every global normaliser (the count of valid anchors, of selected or active triplets or pairs that the
+      reduction divides by) is the count over all shards (``ctx.global_sum``, or computed from what every shard
+      knows, such as ``n``), so ``loss`` is this shard's share (the sum over the shards is one server's loss)
+      and its gradients (autograd of ``loss``, or its own ``gradients``) are this shard's partial gradients:
+      full ``[n, ...]`` tensors, which the compute layer sums over the shards;
+    * ``triplets`` are those of its anchors, sorted lexicographically and capped at ``ctx.max_triplets`` (in
+      index order the shards' lists concatenate to the global order), ``triplets_total`` counts its own, and
+      ``per_item`` is its anchors' part of the global per-item list, in the global order;
+    * ``stats`` are global: the loss sums their counts and numerators over the shards itself (``ctx.global_sum``),
+      so every shard returns the same stats (one server's, within round-off) and the compute layer keeps them
+      as they are;
+    * every shard calls the same collectives in the same order whatever its rows hold (an empty share too).
+
+    A stateful loss with its own state update rule is never shardable: its update is not split between replicas.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.shardable and cls.stateful and cls.has_update_rule:
+            raise TypeError(f"loss {cls.__name__}: a loss with a state update rule cannot be shardable")
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         self.params: dict[str, Any] = self.schema.parse(params, reject=self.rejected_params)

@@ -23,6 +23,9 @@ class BatchAllTriplet(Loss):
 
     ``per_item``: for each of the ``n`` batch rows, the sum of ``ℓ`` over the triplets it anchors (0 for rows that
     anchor none). ``triplets``: the active triplets, lexicographic, capped at ``max_triplets``.
+
+    Shardable: with ``ctx.shard`` only the shard's anchors are reduced; the selected and active counts that the
+    reductions divide by are those of every shard; ``per_item`` covers the shard's rows.
     """
 
     name = "batch_all_triplet"
@@ -36,24 +39,37 @@ class BatchAllTriplet(Loss):
               choices=("mean", "mean_nonzero", "sum")),
     ))
     mines_triplets = True
+    shardable = True  # blockwise over anchor rows: a shard reduces its own anchors against every candidate
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs, inputs["embeddings"].shape[0])
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
         emb = inputs["embeddings"]
-        c = make_candidates(emb, inputs["labels"], ctx.memory)
+        c = make_candidates(emb, inputs["labels"], ctx.memory, ctx.anchor_rows(emb.shape[0]))
         soft = bool(self.params["soft"])
         sink = TripletSink(ctx.max_triplets, ctx.want_triplets)
         res = all_triplets(ClampedEuclidean(), c, sink, margin=float(self.params["margin"]), soft=soft,
                            want_per_anchor=ctx.want_per_item)
-        if res.selected == 0:
+        selected, active, valid = res.selected, res.active, res.valid_anchors
+        sum_d_ap, sum_d_an = res.sum_d_ap, res.sum_d_an
+        per_anchor = res.per_anchor
+        if ctx.shard is not None:
+            # Shard mode: this shard's anchors; counts (exact, int64) and distance sums over every shard.
+            counts = ctx.global_sum(torch.tensor([selected, active, valid], dtype=torch.int64, device=emb.device))
+            sums = ctx.global_sum(torch.tensor([sum_d_ap, sum_d_an], dtype=torch.float64, device=emb.device))
+            selected, active, valid = (int(v) for v in counts.tolist())
+            sum_d_ap, sum_d_an = (float(v) for v in sums.tolist())
+            if per_anchor is not None:
+                lo, hi = c.rows
+                per_anchor = per_anchor[lo:hi]
+        if selected == 0:
             return empty_output(emb, ctx)
         reduction = self.params["reduction"]
-        denom = {"mean": res.selected, "mean_nonzero": res.active, "sum": 1}[reduction]
+        denom = {"mean": selected, "mean_nonzero": active, "sum": 1}[reduction]
         scale = 1.0 / denom if denom else 0.0  # mean_nonzero with nothing active: 0, not 0/0
-        stats = {"valid_anchors": float(res.valid_anchors), "selected_triplets": float(res.selected),
-                 "active_triplets": float(res.active), "mean_d_ap": res.sum_d_ap / res.selected,
-                 "mean_d_an": res.sum_d_an / res.selected}
+        stats = {"valid_anchors": float(valid), "selected_triplets": float(selected),
+                 "active_triplets": float(active), "mean_d_ap": sum_d_ap / selected,
+                 "mean_d_an": sum_d_an / selected}
         return make_output(emb, res.loss_sum * scale, res.grad * scale, ctx, sink.result(emb.device), sink.total,
-                           res.per_anchor, stats)
+                           per_anchor, stats)

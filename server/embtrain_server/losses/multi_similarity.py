@@ -24,7 +24,10 @@ from ._mining import check_labels
 
 @register
 class MultiSimilarityLoss(Loss):
-    """Multi-similarity loss (§E.2); the stats count the mined (anchor, partner) pairs."""
+    """Multi-similarity loss (§E.2); the stats count the mined (anchor, partner) pairs.
+
+    Shardable: with ``ctx.shard`` a shard computes its anchors' terms against every candidate (``per_item``: its
+    anchors' ℓ_i); the loss still divides by the global ``n``."""
 
     name = "multi_similarity"
     uses_memory = True
@@ -41,6 +44,7 @@ class MultiSimilarityLoss(Loss):
         Param("epsilon", "float", 0.1, "mining margin", minimum=0.0),
     ))
     complexity = "n2"
+    shardable = True  # mining and terms are per anchor row
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs, inputs["embeddings"].shape[0])
@@ -52,35 +56,40 @@ class MultiSimilarityLoss(Loss):
         p = self.params
         alpha, beta, base = p["alpha"], p["beta"], p["base"]
         ninf = torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device)
-        zero_col = sim.new_zeros(n, 1)
+        zero_col = sim.new_zeros(sim.shape[0], 1)
         # log(1 + Σ e^z) as a logsumexp over {0} ∪ z: stable for beta = 50; excluded entries are -inf (no grad).
         pos_term = torch.logsumexp(torch.cat([zero_col, torch.where(keep_pos, -alpha * (sim - base), ninf)], 1), 1)
         neg_term = torch.logsumexp(torch.cat([zero_col, torch.where(keep_neg, beta * (sim - base), ninf)], 1), 1)
         per_anchor = torch.where(anchor_ok, pos_term / alpha + neg_term / beta, 0.0)
+        counts = ctx.global_sum(torch.stack([keep_pos.sum(), keep_neg.sum(), anchor_ok.sum()]))
         return LossOutput(
-            loss=per_anchor.sum() / n,
+            loss=per_anchor.sum() / n,  # 1/n over every anchor of every shard
             per_item=per_anchor.detach() if ctx.want_per_item else None,
-            stats={"kept_positive_pairs": float(keep_pos.sum()), "kept_negative_pairs": float(keep_neg.sum()),
-                   "anchors_with_pairs": float(anchor_ok.sum())},
+            stats={"kept_positive_pairs": float(counts[0]), "kept_negative_pairs": float(counts[1]),
+                   "anchors_with_pairs": float(counts[2])},
         )
 
     def _mine(self, inputs: dict[str, torch.Tensor],
               ctx: ComputeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Similarities [n, n+m] (with grad) and the kept-positive / kept-negative masks, restricted to the
-        anchors whose P, N, P' and N' are all non-empty (also returned, [n])."""
+        """Similarities [rows, n+m] (with grad) of the anchor rows (all n, or the shard's) and the kept-positive /
+        kept-negative masks, restricted to the anchors whose P, N, P' and N' are all non-empty (also returned,
+        [rows])."""
         x, y = inputs["embeddings"], inputs["labels"]
         n = x.shape[0]
+        lo, hi = ctx.anchor_rows(n)
         xn = F.normalize(x, dim=1, eps=1e-12)  # x / max(||x||, 1e-12)
         cand, cand_y = xn, y
         if ctx.memory is not None and ctx.memory.embeddings.shape[0] > 0:
             mem = F.normalize(ctx.memory.embeddings.detach().to(device=x.device, dtype=x.dtype), dim=1, eps=1e-12)
             cand = torch.cat([xn, mem])
             cand_y = torch.cat([y, ctx.memory.labels.to(device=y.device, dtype=y.dtype)])
-        sim = xn @ cand.T
+        # Shard mode: the shard's anchor rows against every candidate.
+        xa, ya = (xn, y) if ctx.shard is None else (xn[lo:hi], y[lo:hi])
+        sim = xa @ cand.T
         s = sim.detach()
         idx = torch.arange(cand.shape[0], device=x.device)
-        not_self = idx[None, :] != torch.arange(n, device=x.device)[:, None]
-        same = y[:, None] == cand_y[None, :]
+        not_self = idx[None, :] != torch.arange(lo, hi, device=x.device)[:, None]
+        same = ya[:, None] == cand_y[None, :]
         pos, neg = same & not_self, ~same
         inf = torch.tensor(float("inf"), dtype=s.dtype, device=s.device)
         min_pos = torch.where(pos, s, inf).amin(1, keepdim=True)
