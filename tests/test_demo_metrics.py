@@ -184,4 +184,10 @@ def test_run_demo_end_to_end(server, tmp_path: pathlib.Path) -> None:  # type: i
     assert r["loss"] == "multi_similarity" and r["max_rel_loss_diff"] < 1e-5
     assert r["remote"]["metrics"]["recall_at_1"] == pytest.approx(r["local"]["metrics"]["recall_at_1"], abs=0.01)
     assert (tmp_path / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| multi_similarity | remote |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| multi_similarity | remote |" in text
+    step_row = next(line for line in text.splitlines() if line.startswith("| multi_similarity |")
+                    and "bare" not in line and line.count("|") == 7)
+    local, remote, diff, trip, rest = (float(c) for c in step_row.strip("|").split("|")[1:])
+    assert diff == pytest.approx(remote - local, abs=0.011) and rest == pytest.approx(diff - trip, abs=0.011)
+    assert trip > 0

@@ -19,6 +19,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -125,6 +126,35 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def bare_round_trip_ms(client: embtrain.Client, calls: int = 300) -> float:
+    """Median of a gRPC call that does nothing (the health check) over this client's channel: the floor under any
+    remote step on this machine."""
+    client.health()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        client.health()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def step_time_table(results: Sequence[dict[str, Any]], round_trip_ms: float) -> str:
+    """Remote and local step times side by side, and where the difference goes."""
+    rows = ["| loss | local ms / step | remote ms / step | remote - local | bare gRPC round trip | the rest |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        local, remote = (1000 * r[side]["loss_seconds"] / max(1, r["steps"]) for side in ("local", "remote"))
+        rows.append(f"| {r['label']} | {local:.2f} | {remote:.2f} | {remote - local:.2f} | {round_trip_ms:.2f} | "
+                    f"{remote - local - round_trip_ms:.2f} |")
+    return "\n".join(rows) + (
+        "\n\nA remote step computes the same loss as the local one (on the server, same machine here) and adds one "
+        "gRPC round trip: the bare round trip is the median of an empty call (the health check) on the same channel. "
+        "The rest is the service's own work per step: encoding the batch and decoding the answer in the SDK, "
+        "parsing, validating and scheduling the batch on the server, and encoding its answer. With 64-row batches "
+        "the loss itself takes about a millisecond, so this fixed cost dominates; it stays the same as batches grow, "
+        "while the loss's cost grows as n² (bench/README.md, Transport).")
+
+
 def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -222,6 +252,7 @@ def _run(args: argparse.Namespace, out: pathlib.Path) -> int:
                  else running_server(args.device, out / "server.log", args.threads))
     results = []
     with server_cm as target, embtrain.Client(target, timeout=60.0) as client:
+        round_trip = bare_round_trip_ms(client)
         available = {li.name for li in client.losses()}
         for cfg in configs:
             if cfg.loss not in available:
@@ -235,7 +266,7 @@ def _run(args: argparse.Namespace, out: pathlib.Path) -> int:
         print("no loss could be run", file=sys.stderr)
         return 1
 
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n\n" + step_time_table(results, round_trip)
     header = (f"Digits demo, {steps} steps of {batch} samples, embedding width {args.dim}; {machine()}; server "
               f"{args.target or 'started locally on ' + args.device}; torch threads "
               f"{args.threads or 'default'}; remote and local steps interleaved; total {total:.0f} s.\n\n")
