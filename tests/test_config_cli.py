@@ -75,4 +75,4 @@ def test_cli_health_and_losses(server: ServerHandle, capsys) -> None:  # type: i
     assert "margin: float = 0.3" in capsys.readouterr().out
     assert cli.main(["health", "--target", server.target, "--timeout", "5"]) == 0
     capsys.readouterr()
-    assert cli.main(["--target", "127.0.0.1:1", "--timeout", "1", "health"]) == 1
+    assert cli.main(["--target", "127.0.0.1:1", "--timeout", "1", "health"]) == 4

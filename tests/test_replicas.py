@@ -25,7 +25,7 @@ CONFIG: dict[str, Any] = dict(loss="batch_hard_triplet", params={"margin": 0.2},
                               head=[{"type": "linear", "out_dim": 8}, {"type": "l2_normalize"}],
                               optimizer={"type": "adam", "lr": 0.05}, memory={"size": 24}, seed=5)
 COMMON = ["--metrics-port", "0", "--device", "cpu", "--workers", "1", "--torch-threads", "1", "--log-level", "INFO",
-          "--drain-seconds", "2"]
+          "--drain-seconds", "2", "--digest-every-steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,41 @@ def test_replicate_mode_is_one_server_on_the_concatenation(replicas: process.Rep
     for address in replicas.addresses:
         with pytest.raises(embtrain.NotFound):
             embtrain.Client(address).get_session(group.id)
+    for k in range(replicas.size):  # the digests were compared after every step, and agreed
+        assert "differs between replicas" not in replicas.log(k)
+
+
+def test_the_state_digest_sees_every_bit_of_the_state(tmp_path: pathlib.Path) -> None:
+    """What the replicas compare every digest_every_steps steps: equal for equal states (whenever they were created
+    or saved), different after any change of a weight's bits, the step or the memory bank."""
+    import torch
+
+    from embtrain_server import checkpoint, losses, training
+    from embtrain_server.compute import ComputeOptions
+    from embtrain_server.replicas import state_digest
+    from embtrain_server.sessions import Session, parse_spec
+
+    losses.load_all()
+    cfg = {k: v for k, v in CONFIG.items() if k not in ("loss", "params", "seed")}
+    spec = parse_spec(CONFIG["loss"], CONFIG["params"], cfg["head"], cfg["optimizer"], cfg["memory"], 5)
+    a = Session(id="s", owner="o", spec=spec, device=torch.device("cpu"))
+    x, y = steps_data()[0][1]
+    training.prepare(a, {"embeddings": torch.from_numpy(x), "labels": torch.from_numpy(y)}, ComputeOptions(),
+                     "input").commit()
+    a.step = 1
+    b = checkpoint.session_from_checkpoint(*checkpoint.decode(checkpoint.encode(
+        *checkpoint.session_to_checkpoint(a))), torch.device("cpu"))
+    b.created_time += 100.0
+    assert state_digest(a) == state_digest(b)
+    weight = next(iter(b.state.head.parameters()))
+    with torch.no_grad():
+        weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(float("inf")))
+    assert state_digest(a) != state_digest(b)
+    b.step = 2
+    c = checkpoint.session_from_checkpoint(*checkpoint.decode(checkpoint.encode(
+        *checkpoint.session_to_checkpoint(a))), torch.device("cpu"))
+    c.step = 2
+    assert state_digest(a) != state_digest(c)
 
 
 def test_a_withheld_member_aborts_the_step_on_every_replica(replicas: process.ReplicaGroup,

@@ -113,7 +113,7 @@ def encode(msg: Any, maps: Mapping[int, Mapping[str, Any]] = {}, fields: Mapping
            names: Mapping[int, str] = {}) -> bytes:
     """``msg`` (without the tensors below) + tensor map fields ``{field number: {key: array}}`` + single tensor
     fields ``{field number: array}`` -> message bytes. ``names`` gives field names for error messages."""
-    parts: list[Any] = [msg.SerializeToString()]
+    parts: list[Any] = [msg.SerializeToString(deterministic=True)]  # maps in key order: the same bytes anywhere
     for number, tensors in maps.items():
         for key, x in tensors.items():
             body = _tensor_parts(x, f"{names.get(number, number)}.{key}")

@@ -738,19 +738,26 @@ class Replicas:
         every = self.config.digest_every_steps
         if not every or session.step % every:
             return
-        record, tensors = checkpoint.session_to_checkpoint(session)
-        for volatile in ("saved_time", "created_time"):
-            record.pop(volatile, None)
-        h = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16)
-        for name in sorted(tensors):
-            t = tensors[name].detach().cpu().contiguous()
-            h.update(name.encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        digests = self._gather_bytes(h.digest())
+        digests = self._gather_bytes(state_digest(session))
         if len(set(digests)) > 1:
             odd = [k for k, d in enumerate(digests) if d != digests[0]]
             self.metrics.replica_divergence.inc()
             log.error("replicated session %s: the state at step %d differs between replicas (replica(s) %s differ "
                       "from replica 0)", session.id, session.step, ", ".join(map(str, odd)))
+
+
+def state_digest(session: Session) -> bytes:
+    """A fingerprint of everything a checkpoint of the session holds except the times it was created and saved:
+    replicas that applied the same steps have the same one."""
+    record, tensors = checkpoint.session_to_checkpoint(session)
+    for volatile in ("saved_time", "created_time"):
+        record.pop(volatile, None)
+    h = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode() + str(t.dtype).encode() + repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
 
 
 def _encode_slices(slices: list[Slice]) -> bytes:
@@ -771,4 +778,4 @@ def _decode_slices(data: bytes) -> list[Slice]:
             for i, r in enumerate(record["slices"])]
 
 
-__all__ = ["Replicas"]
+__all__ = ["Replicas", "state_digest"]
