@@ -285,3 +285,22 @@ def test_shard_mode_refuses_a_loss_that_cannot_split_its_anchors(replicas: proce
     with pytest.raises(embtrain.InvalidArgument) as info:
         replicas.client().create_session("island", {"num_classes": 3}, group_size=W, shard=True)
     assert info.value.fields == ["config.shard"]
+
+
+def test_members_may_send_to_any_replica(replicas: process.ReplicaGroup, reference: embtrain.Client) -> None:
+    """``Client(replica).get_session(id).member(r)`` works on every replica: here member r sends step s to replica
+    (r + s) mod R, so every step's slices reach the replicas in a different pattern (and a member may reach a
+    replica that is still applying the previous step); the answers are still one server's, bit for bit."""
+    cfg = dict(CONFIG)
+    group = replicas.client().create_session(cfg.pop("loss"), cfg.pop("params"), group_size=W, replicated=True,
+                                             **cfg)
+    ref = reference.create_session(CONFIG["loss"], CONFIG["params"], **{k: v for k, v in CONFIG.items()
+                                                                         if k not in ("loss", "params")})
+    direct = [embtrain.Client(a).get_session(group.id) for a in replicas.addresses]
+    for step, parts in enumerate(steps_data(), start=1):
+        got = run_members({r: (lambda r=r: direct[(r + step) % replicas.size].member(r).compute(*parts[r],
+                                                                                    step=step))
+                           for r in range(W)}, seed=step)
+        want = ref.compute(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        assert_member_answers(got, want, parts)
+    group.close()

@@ -589,6 +589,20 @@ class Replicas:
             attempt += 1
             self._attempts[(sid, step)] = attempt
 
+    async def committed(self, sid: str, step: int) -> bool:
+        """Whether the group decided to commit (session, step) (this replica may not have applied it yet)."""
+        def run(store: dist.Store) -> bool:
+            attempt = self._attempts.get((sid, step), 0)
+            while (decided := self._get_if(store, self._key("step", sid, step, attempt, "decide"))) is not None:
+                if decided == b"commit":
+                    return True
+                attempt += 1
+            return False
+        try:
+            return bool(await self._io_call(self._call, run))
+        except _StoreGone:
+            return False
+
     def _arrive(self, sid: str, step: int, attempt: int, rank: int, size: int) -> None:
         """Count a rank of (session, step, attempt) the first time any replica holds it; the replica completing
         the count decides ``commit`` and appends the step to the operation log."""

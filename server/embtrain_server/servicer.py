@@ -27,7 +27,7 @@ from embtrain.v1 import embtrain_pb2 as pb
 from embtrain.v1 import embtrain_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from .groups import GroupSteps
 from .identity import current_principal
 from .metrics import Metrics
@@ -225,8 +225,16 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         session = self.batches.session_for(req, principal)
         if session is not None and session.spec.replicated:  # computed by the replicas together
             replicas_of(self.replicas, session).require_up()
-            part = await self.scheduler.run(self.batches.slice_of, req, session, session_id=session.id,
-                                            cancelled=cancelled)
+            try:
+                part = await self.scheduler.run(self.batches.slice_of, req, session, session_id=session.id,
+                                                cancelled=cancelled)
+            except FailedPrecondition:
+                # The next step after one the group committed, before this replica has applied that one: soon.
+                if req.HasField("step") and req.step == session.step + 2 and await self.replicas.committed(
+                        session.id, session.step + 1):
+                    raise Unavailable(f"step: this replica is still applying step {session.step + 1}; resend step "
+                                      f"{req.step} (the SDK does so by itself)") from None
+                raise
             if isinstance(part, bytes):
                 return part
             return await self.replicas.submit(session, part, functools.partial(self.batches.check_slices, session))
