@@ -12,7 +12,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9400
 PYTEST_ARGS ?=
 
-.PHONY: all install serve test test-fast proto proto-check lint-docker check-deploy fuzz bench bench-losses bench-transport bench-load bench-groups demo clean
+.PHONY: all install serve test test-fast proto proto-check lint-docker check-deploy fuzz bench bench-losses bench-transport bench-load bench-groups bench-replicas demo clean
 
 all: test
 
@@ -51,7 +51,7 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	EMBTRAIN_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/test_fuzz.py
 
-bench: bench-losses bench-transport bench-load bench-groups
+bench: bench-losses bench-transport bench-load bench-groups bench-replicas
 
 # Each benchmark writes its JSON under bench/results/ and its tables into bench/README.md.
 bench-losses: $(STAMP)
@@ -65,6 +65,9 @@ bench-load: $(STAMP)
 
 bench-groups: $(STAMP)
 	$(PY) bench/groups.py --out bench/results/groups-cpu.json --markdown
+
+bench-replicas: $(STAMP)
+	$(PY) bench/replicas.py --out bench/results/replicas-cpu.json --markdown
 
 demo: $(STAMP)
 	$(PY) examples/digits/run_demo.py
