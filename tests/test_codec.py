@@ -56,7 +56,7 @@ def test_little_endian_layout_matches_numpy_tobytes() -> None:
 def test_bfloat16_bits_are_preserved() -> None:
     x = torch.tensor([1.0, -2.5, 3.140625], dtype=torch.bfloat16)
     t = codec.encode(x)
-    assert t.dtype == pb.BFLOAT16
+    assert t.dtype == pb.DTYPE_BFLOAT16
     assert t.data == x.view(torch.int16).numpy().tobytes()
     with pytest.raises(codec.TensorError, match="bfloat16"):
         codec.decode_numpy(t, "x")
@@ -100,14 +100,14 @@ def test_decoding_copies_at_most_once(decode) -> None:  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("tensor,field,expected", [
-    (pb.Tensor(dtype=pb.FLOAT32, shape=[2, 3], data=b"\0" * 20), "x.data", "20 bytes, expected 24"),
-    (pb.Tensor(dtype=pb.FLOAT32, shape=[2, 3], data=b"\0" * 28), "x.data", "28 bytes, expected 24"),
-    (pb.Tensor(dtype=pb.INT64, shape=[4], data=b""), "x.data", "0 bytes, expected 32"),
-    (pb.Tensor(dtype=pb.FLOAT32, shape=[-1, 3], data=b""), "x.shape", "dimensions must be >= 0"),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3], data=b"\0" * 20), "x.data", "20 bytes, expected 24"),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3], data=b"\0" * 28), "x.data", "28 bytes, expected 24"),
+    (pb.Tensor(dtype=pb.DTYPE_INT64, shape=[4], data=b""), "x.data", "0 bytes, expected 32"),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1, 3], data=b""), "x.shape", "dimensions must be >= 0"),
     (pb.Tensor(dtype=99, shape=[1], data=b"\0"), "x.dtype", "expected one of"),
     (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0"), "x.dtype", "expected one of"),
-    (pb.Tensor(dtype=pb.FLOAT32, shape=[1] * 9, data=b"\0" * 4), "x.shape", "at most 8"),
-    (pb.Tensor(dtype=pb.FLOAT64, shape=[2**40, 2**40], data=b""), "x.data", "expected"),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 9, data=b"\0" * 4), "x.shape", "at most 8"),
+    (pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[2**40, 2**40], data=b""), "x.data", "expected"),
 ], ids=["short", "long", "empty", "negative-dim", "unknown-dtype", "unspecified-dtype", "too-many-dims", "huge"])
 def test_bad_buffers_are_refused_naming_the_field(tensor: pb.Tensor, field: str, expected: str) -> None:
     for decode in (codec.decode_numpy, codec.decode_torch):

@@ -52,10 +52,10 @@ def fuzz_settings(share: float) -> settings:
 
 # ---- strategies --------------------------------------------------------------------------------------------
 
-WIRE_DTYPES = [pb.FLOAT16, pb.BFLOAT16, pb.FLOAT32, pb.FLOAT64, pb.INT32, pb.INT64, pb.BOOL, pb.UINT8, pb.INT8,
-               pb.INT16]
-ITEMSIZE = {pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.FLOAT32: 4, pb.FLOAT64: 8, pb.INT32: 4, pb.INT64: 8, pb.BOOL: 1,
-            pb.UINT8: 1, pb.INT8: 1, pb.INT16: 2}
+WIRE_DTYPES = [pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_INT32,
+               pb.DTYPE_INT64, pb.DTYPE_BOOL, pb.DTYPE_UINT8, pb.DTYPE_INT8, pb.DTYPE_INT16]
+ITEMSIZE = {pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT64: 8, pb.DTYPE_INT32: 4,
+            pb.DTYPE_INT64: 8, pb.DTYPE_BOOL: 1, pb.DTYPE_UINT8: 1, pb.DTYPE_INT8: 1, pb.DTYPE_INT16: 2}
 SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e38, -1e38, 1e-45, 65504.0, 1e308]
 dims = st.one_of(st.integers(0, 24), st.integers(-3, -1), st.sampled_from([2**31, 2**40, 2**62, 2**63 - 1]))
 
@@ -88,11 +88,12 @@ def _values(draw: st.DrawFn, dtype: int, count: int) -> bytes:
         if kind == "special" and count:
             idx = g.integers(0, count, max(1, count // 8))
             v[idx] = g.choice(SPECIAL, len(idx))
-    if dtype == pb.BFLOAT16:
+    if dtype == pb.DTYPE_BFLOAT16:
         import torch
         return codec.encode(torch.from_numpy(v).to(torch.bfloat16)).data
-    np_type = {pb.FLOAT16: np.float16, pb.FLOAT32: np.float32, pb.FLOAT64: np.float64, pb.INT32: np.int32,
-               pb.INT64: np.int64, pb.BOOL: np.bool_, pb.UINT8: np.uint8, pb.INT8: np.int8, pb.INT16: np.int16}[dtype]
+    np_type = {pb.DTYPE_FLOAT16: np.float16, pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_FLOAT64: np.float64,
+               pb.DTYPE_INT32: np.int32, pb.DTYPE_INT64: np.int64, pb.DTYPE_BOOL: np.bool_, pb.DTYPE_UINT8: np.uint8,
+               pb.DTYPE_INT8: np.int8, pb.DTYPE_INT16: np.int16}[dtype]
     with np.errstate(all="ignore"):
         if np.issubdtype(np_type, np.integer):
             v = np.nan_to_num(v, nan=0, posinf=7, neginf=-7).clip(-100, 100)
@@ -531,7 +532,7 @@ def _stateless(loss: str, **inputs: np.ndarray) -> pb.ComputeRequest:
 
 def _zero_size_huge() -> pb.ComputeRequest:
     req = _stateless("batch_hard_triplet", labels=np.zeros(0, np.int64))
-    req.inputs["embeddings"].CopyFrom(pb.Tensor(dtype=pb.BFLOAT16, shape=[2**63 - 1, 3, 2**63 - 1, 0]))
+    req.inputs["embeddings"].CopyFrom(pb.Tensor(dtype=pb.DTYPE_BFLOAT16, shape=[2**63 - 1, 3, 2**63 - 1, 0]))
     return req
 
 

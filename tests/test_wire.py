@@ -87,7 +87,7 @@ def test_round_trip_through_hand_framing() -> None:
 
 
 def test_negative_and_unpacked_shapes() -> None:
-    t = pb.Tensor(dtype=pb.FLOAT32, shape=[-1, 2], data=b"")
+    t = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1, 2], data=b"")
     msg = pb.ComputeRequest()
     msg.inputs["x"].CopyFrom(t)
     _, maps, _ = wire.decode(msg.SerializeToString(), pb.ComputeRequest, REQ_MAPS)
@@ -196,7 +196,7 @@ def sources(draw: st.DrawFn) -> Source:
         if layout == "big-endian":
             value = value.astype(value.dtype.newbyteorder(">"))
     data = _bits(ref).numpy().tobytes()  # C order, little-endian (the host's order)
-    tensor = pb.Tensor(dtype=getattr(pb, dtype.upper()), shape=shape, data=data)
+    tensor = pb.Tensor(dtype=getattr(pb, f"DTYPE_{dtype.upper()}"), shape=shape, data=data)
     return Source(value, ref, tensor)
 
 

@@ -48,16 +48,16 @@ class _DType:
 
 
 _DTYPES = [
-    _DType(pb.FLOAT16, "float16", "<f2", 2, True),
-    _DType(pb.BFLOAT16, "bfloat16", None, 2, True),
-    _DType(pb.FLOAT32, "float32", "<f4", 4, True),
-    _DType(pb.FLOAT64, "float64", "<f8", 8, True),
-    _DType(pb.INT32, "int32", "<i4", 4, False),
-    _DType(pb.INT64, "int64", "<i8", 8, False),
-    _DType(pb.BOOL, "bool", "|b1", 1, False),
-    _DType(pb.UINT8, "uint8", "|u1", 1, False),
-    _DType(pb.INT8, "int8", "|i1", 1, False),
-    _DType(pb.INT16, "int16", "<i2", 2, False),
+    _DType(pb.DTYPE_FLOAT16, "float16", "<f2", 2, True),
+    _DType(pb.DTYPE_BFLOAT16, "bfloat16", None, 2, True),
+    _DType(pb.DTYPE_FLOAT32, "float32", "<f4", 4, True),
+    _DType(pb.DTYPE_FLOAT64, "float64", "<f8", 8, True),
+    _DType(pb.DTYPE_INT32, "int32", "<i4", 4, False),
+    _DType(pb.DTYPE_INT64, "int64", "<i8", 8, False),
+    _DType(pb.DTYPE_BOOL, "bool", "|b1", 1, False),
+    _DType(pb.DTYPE_UINT8, "uint8", "|u1", 1, False),
+    _DType(pb.DTYPE_INT8, "int8", "|i1", 1, False),
+    _DType(pb.DTYPE_INT16, "int16", "<i2", 2, False),
 ]
 _BY_WIRE = {d.wire: d for d in _DTYPES}
 _BY_NAME = {d.name: d for d in _DTYPES}

@@ -7,7 +7,12 @@ import torch
 
 
 class ServiceError(Exception):
-    """Base class. ``field`` names the request field at fault (``inputs.labels``, ``params.margin``)."""
+    """Base class. ``field`` names the request field at fault (``inputs.labels``, ``params.margin``).
+
+    ``violations`` are (field, description) pairs, sent as ``google.rpc.BadRequest`` field violations. A client
+    prints a violation as ``field: description``, so the description never repeats the field: a message that
+    starts with ``field: `` (every ``invalid(...)`` message does) gives the rest of it as the description, while
+    the status message stays whole."""
 
     code_name = "UNKNOWN"
 
@@ -15,7 +20,7 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
-        self.violations: list[tuple[str, str]] = [(field, message)] if field else []
+        self.violations: list[tuple[str, str]] = [(field, violation_description(field, message))] if field else []
 
 
 class InvalidArgument(ServiceError):
@@ -50,6 +55,12 @@ class Aborted(ServiceError):
     def __init__(self, message: str, missing_ranks: list[int]) -> None:
         super().__init__(message)
         self.missing_ranks = list(missing_ranks)
+
+
+def violation_description(field: str, message: str) -> str:
+    """``message`` without a leading ``field: `` (what a field violation's description says about its field)."""
+    prefix = f"{field}: "
+    return message[len(prefix):] if message.startswith(prefix) and len(message) > len(prefix) else message
 
 
 def invalid(field: str, expected: str) -> InvalidArgument:

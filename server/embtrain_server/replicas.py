@@ -55,7 +55,9 @@ from .compute import ComputeOptions
 from .config import ServerConfig
 from .errors import Aborted, FailedPrecondition, ServiceError, Unavailable
 from .groups import Slice
+from .batches import Batches
 from .metrics import Metrics
+from .persistence import Checkpointer
 from .scheduler import Scheduler
 from .sessions import Session, SessionSpec, SessionStore
 
@@ -97,7 +99,7 @@ class Replicas:
     """This process's place in the group of replicas (membership, the operation log, replicated steps)."""
 
     def __init__(self, config: ServerConfig, sessions: SessionStore, scheduler: Scheduler, metrics: Metrics,
-                 device: torch.device) -> None:
+                 device: torch.device, batches: Batches, checkpointer: Checkpointer) -> None:
         self.config = config
         self.rank = config.rank
         self.size = config.world_size
@@ -106,8 +108,8 @@ class Replicas:
         self.metrics = metrics
         self.device = device
         self.backend = "nccl" if device.type == "cuda" else "gloo"
-        self.batches: Any = None  # set by the server (``Batches``): commits the steps
-        self.checkpointer: Any = None
+        self.batches = batches  # commits the steps
+        self.checkpointer = checkpointer
         self.address = ""  # this replica's gRPC address, published for the others' messages
         self.incarnation = uuid.uuid4().hex[:12]
         self.formed = threading.Event()  # set once the group has formed the first time
@@ -415,8 +417,7 @@ class Replicas:
             if self.rank != source and steps.get(self.rank) != best:
                 sess = checkpoint.session_from_checkpoint(*checkpoint.decode(data), self.device)
                 self.sessions.add_restored(sess)
-                if self.checkpointer is not None:
-                    self.checkpointer.try_save(sess)
+                self.checkpointer.try_save(sess)
                 copied += 1
                 log.info("replicated session %s: took step %d from replica %d (had %s)", sid, best, source,
                          steps.get(self.rank, "none"))
@@ -503,8 +504,7 @@ class Replicas:
         error: ServiceError | None = None
         try:
             sess = self.sessions.create(SessionSpec.from_dict(record["spec"]), owner, initial, session_id=sid)
-            if self.checkpointer is not None:
-                self.checkpointer.save(sess)
+            self.checkpointer.save(sess)
         except ServiceError as exc:
             error = exc
         except OSError:
@@ -531,8 +531,7 @@ class Replicas:
             sess = self.sessions.get(sid, owner)
         except ServiceError:
             return
-        if self.checkpointer is not None:
-            self.checkpointer.on_close(sess, keep=keep)
+        self.checkpointer.on_close(sess, keep=keep)
         self.sessions.remove(sid, owner)
 
     # ---- replicated steps ----------------------------------------------------------------------------------

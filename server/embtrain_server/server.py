@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import devices
+from . import devices, reflection
 from .auth import Authenticator, load_tokens
 from .config import ServerConfig
 from .identity import IdentityInterceptor
@@ -224,17 +223,16 @@ async def start(config: ServerConfig) -> RunningServer:
     servicer = Servicer(service, batches, scheduler, config, metrics)
     replicas = None
     if config.world_size > 1:
-        replicas = Replicas(config, store, scheduler, metrics, device)
-        replicas.batches, replicas.checkpointer = batches, checkpointer
+        replicas = Replicas(config, store, scheduler, metrics, device, batches, checkpointer)
         service.replicas = servicer.replicas = replicas
     identity = IdentityInterceptor(auth, SERVICE_NAME, mtls=bool(config.tls_client_ca), metrics=metrics)
     server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=None, interceptors=(identity,))
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
+    if config.reflection:  # grpc.reflection.v1 and v1alpha, each listing both
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     creds = server_credentials(config)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)

@@ -21,13 +21,16 @@ from . import devices, losses, optim, training, validation
 from .batches import decode_inputs
 from .config import ServerConfig
 from .errors import FailedPrecondition, Unavailable, invalid
-from .losses.base import Loss
+from .losses.base import InputSpec, Loss
 from .metrics import Metrics
 from .persistence import Checkpointer
 from .sessions import Session, SessionStore, parse_spec
 
 
 def to_value(x: Any) -> struct_pb2.Value:
+    """``x`` as a ``google.protobuf.Value``. A non-finite float becomes the string "inf", "-inf" or "nan": Value's
+    number_value must be finite (its JSON mapping has no infinity, and JSON encoders such as grpcurl's refuse the
+    whole message otherwise); ``ParamInfo.default_number`` carries a non-finite default as a number."""
     v = struct_pb2.Value()
     v.CopyFrom(json_format.ParseDict(_jsonable(x), struct_pb2.Value()))
     return v
@@ -43,16 +46,37 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+# The wire dtypes an input of each kind ("float", "int") accepts: what validation.validate_inputs lets through
+# (tests/test_protocol.py sends each of them, and each other dtype, to hold the two together).
+def _wire_dtypes(accepts: Any) -> list[int]:
+    return [pb.DType.Value(f"DTYPE_{n.upper()}") for n in codec.DTYPE_NAMES if accepts(getattr(torch, n))]
+
+
+INPUT_DTYPES = {
+    "float": _wire_dtypes(lambda dt: dt.is_floating_point),
+    "int": _wire_dtypes(lambda dt: dt in validation._INT_DTYPES),  # noqa: SLF001
+}
+# ``ids`` (validation.IDS_INPUT): accepted by every loss; listed where it has an effect.
+IDS_INFO = InputSpec(validation.IDS_INPUT, "int", "[n]", False, False,
+                     "the client's sample id per row: ComputeResponse.triplet_ids names the mined triplets by id, "
+                     "and a session's cross-batch memory keeps them with its rows")
+
+
 def loss_info(cls: type[Loss]) -> pb.LossInfo:
     info = pb.LossInfo(name=cls.name, description=cls.description, mines_triplets=cls.mines_triplets,
                        stateful=cls.stateful, family=cls.family)
-    for s in cls.inputs:
+    specs = list(cls.inputs)
+    if (cls.mines_triplets or cls.uses_memory) and all(s.name != IDS_INFO.name for s in specs):
+        specs.append(IDS_INFO)
+    for s in specs:
         info.inputs.add(name=s.name, required=s.required, dtype=s.dtype, shape=s.shape,
-                        differentiable=s.differentiable, description=s.description)
+                        differentiable=s.differentiable, description=s.description, dtypes=INPUT_DTYPES[s.dtype])
     for p in cls.schema.params:
         pi = info.params.add(name=p.name, type=p.kind, range=p.range_text, choices=list(p.choices),
                              description=p.description)
         pi.default.CopyFrom(to_value(p.default))
+        if isinstance(p.default, (int, float)) and not isinstance(p.default, bool):
+            pi.default_number = float(p.default)  # a number, infinity included (max_dist)
     return info
 
 

@@ -1,5 +1,6 @@
-"""The one place where domain errors become gRPC statuses (with ``google.rpc.BadRequest`` field violations).
-Anything that is not a ``ServiceError`` becomes INTERNAL with no internals in the message.
+"""The one place where domain errors become gRPC statuses (with ``google.rpc.BadRequest`` field violations, and
+``google.rpc.ErrorInfo`` for an aborted group step; docs/protocol.md documents both for clients). Anything that is
+not a ``ServiceError`` becomes INTERNAL with no internals in the message.
 
 Messages and field names can echo what a client sent (an unknown parameter's name), so they are cut to a bounded
 length: the status travels in HTTP/2 trailers, and a client refuses trailers over its metadata limit (8 KiB by
@@ -11,7 +12,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from .errors import Aborted, ServiceError
+from .errors import Aborted, ServiceError, violation_description
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 MAX_MESSAGE_CHARS = 1024  # the message is sent twice (grpc-message and inside the details)
@@ -41,7 +42,10 @@ def to_status_proto(err: BaseException) -> status_pb2.Status:
     if err.violations:
         br = error_details_pb2.BadRequest()
         for field, desc in err.violations[:8]:
-            br.field_violations.add(field=_cut(field, MAX_FIELD_CHARS), description=_cut(desc, MAX_MESSAGE_CHARS))
+            # The description says what is wrong with the field without naming it again (``field: description``
+            # is how clients print a violation); violations set by hand may still carry the prefix.
+            br.field_violations.add(field=_cut(field, MAX_FIELD_CHARS),
+                                    description=_cut(violation_description(field, desc), MAX_MESSAGE_CHARS))
         detail = any_pb2.Any()
         detail.Pack(br)
         status.details.append(detail)

@@ -12,27 +12,27 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
-    FLOAT16: _ClassVar[DType]
-    BFLOAT16: _ClassVar[DType]
-    FLOAT32: _ClassVar[DType]
-    FLOAT64: _ClassVar[DType]
-    INT32: _ClassVar[DType]
-    INT64: _ClassVar[DType]
-    BOOL: _ClassVar[DType]
-    UINT8: _ClassVar[DType]
-    INT8: _ClassVar[DType]
-    INT16: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
-FLOAT16: DType
-BFLOAT16: DType
-FLOAT32: DType
-FLOAT64: DType
-INT32: DType
-INT64: DType
-BOOL: DType
-UINT8: DType
-INT8: DType
-INT16: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_BOOL: DType
+DTYPE_UINT8: DType
+DTYPE_INT8: DType
+DTYPE_INT16: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -296,36 +296,40 @@ class ListLossesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InputInfo(_message.Message):
-    __slots__ = ("name", "required", "dtype", "shape", "differentiable", "description")
+    __slots__ = ("name", "required", "dtype", "shape", "differentiable", "description", "dtypes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
     name: str
     required: bool
     dtype: str
     shape: str
     differentiable: bool
     description: str
-    def __init__(self, name: _Optional[str] = ..., required: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[str] = ..., differentiable: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    def __init__(self, name: _Optional[str] = ..., required: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[str] = ..., differentiable: _Optional[bool] = ..., description: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ...) -> None: ...
 
 class ParamInfo(_message.Message):
-    __slots__ = ("name", "type", "default", "range", "choices", "description")
+    __slots__ = ("name", "type", "default", "range", "choices", "description", "default_number")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NUMBER_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     default: _struct_pb2.Value
     range: str
     choices: _containers.RepeatedScalarFieldContainer[str]
     description: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., range: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+    default_number: float
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., range: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., default_number: _Optional[float] = ...) -> None: ...
 
 class LossInfo(_message.Message):
     __slots__ = ("name", "description", "inputs", "params", "mines_triplets", "stateful", "family")
