@@ -9,6 +9,7 @@ message and field violation the server would give.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -132,6 +133,21 @@ def _is_torch(x: Any) -> bool:
     return codec._is_torch(x)
 
 
+_NON_FINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def _param_default(p: pb.ParamInfo) -> Any:
+    """A ListLosses parameter's default as Python: a non-finite number as a float (``default_number``; a server
+    older than that field sends the string "inf" in ``default``, read the same way)."""
+    if p.HasField("default_number") and not math.isfinite(p.default_number):
+        return p.default_number
+    if not p.default.WhichOneof("kind"):
+        return None
+    if p.type == "float" and p.default.WhichOneof("kind") == "string_value" and p.default.string_value in _NON_FINITE:
+        return _NON_FINITE[p.default.string_value]
+    return json_format.MessageToDict(p.default)
+
+
 def _struct(d: Mapping[str, Any] | None) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     if d:
@@ -186,7 +202,7 @@ class _Decoder:
 
     def __call__(self, t: Any, name: str) -> Any:
         if not self.torch:
-            if t.dtype == pb.BFLOAT16:
+            if t.dtype == pb.DTYPE_BFLOAT16:
                 raise EmbtrainError(grpc.StatusCode.INTERNAL, f"{name}: bfloat16 result needs torch inputs")
             return codec.decode_numpy(t, name)
         out = codec.decode_torch(t, name)
@@ -364,9 +380,8 @@ class Client:
         resp = self._call(self._stub.ListLosses, pb.ListLossesRequest())
         out = []
         for li in resp.losses:
-            params = [dict(name=p.name, type=p.type, default=json_format.MessageToDict(p.default) if
-                           p.default.WhichOneof("kind") else None, range=p.range, choices=list(p.choices),
-                           description=p.description) for p in li.params]
+            params = [dict(name=p.name, type=p.type, default=_param_default(p), range=p.range,
+                           choices=list(p.choices), description=p.description) for p in li.params]
             inputs = [dict(name=i.name, required=i.required, dtype=i.dtype, shape=i.shape,
                            differentiable=i.differentiable, description=i.description) for i in li.inputs]
             out.append(LossInfo(li.name, li.description, li.family, li.stateful, li.mines_triplets, inputs, params))
