@@ -5,6 +5,7 @@ decoded CPU tensors, before anything is computed or any state is touched. Statel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,11 +48,18 @@ def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
     device-memory budget of the batch against every candidate (memory rows included). The loss's own checks follow
     (``Loss.check_inputs``; in a session once its state exists, as they may need it: island's K centres)."""
     inputs = validate_inputs(type(loss), raw, max_batch_elements=limits.max_batch_elements, min_rows=min_rows)
+    return check_validated(loss, inputs, limits, session)
+
+
+def check_validated(loss: Loss, inputs: dict[str, torch.Tensor], limits: Limits,
+                    session: Session | None = None) -> dict[str, torch.Tensor]:
+    """The part of ``check_compute`` after ``validate_inputs`` (which needs no session state, so a batch may pass
+    it before its session's turn): the session's width, memory and state budget, and the resources of the batch."""
     emb = inputs.get("embeddings")
     if session is None:
         if emb is not None:
-            require_resources(loss, inputs, emb.shape[0], limits)
-            if loss.stateful:  # a stateless call of a loss with state builds it (seed 0) for this batch
+            require_resources(loss, inputs, candidates(inputs), limits)
+            if loss.stateful:  # a stateless call of a loss with state builds it for this batch
                 require_loss_state_budget(loss, int(emb.shape[1]), limits.memory_budget)
         elif (footprint := loss.footprint(inputs)) is not None:
             _require_within(*footprint, limits)
@@ -59,11 +67,22 @@ def check_compute(loss: Loss, raw: Mapping[str, torch.Tensor], limits: Limits,
     if emb is None:
         raise invalid("inputs.embeddings", "required in a session (the head and the memory act on it)")
     session.check_width(int(emb.shape[1]))
+    if session.spec.head and "ref_emb" in inputs:
+        raise invalid("inputs.ref_emb", "not in a session with a head: the head maps the embeddings, not a reference "
+                      "set; use a session without a head (or a stateless call)")
     if session.spec.memory_size and "labels" not in inputs:
         raise invalid("inputs.labels", "required when the session has a cross-batch memory")
     _require_state_budget(session, int(emb.shape[1]), limits.memory_budget)
-    require_resources(loss, inputs, emb.shape[0] + session.memory_fill, limits, head_ops(session.spec, emb))
+    require_resources(loss, inputs, candidates(inputs) + session.memory_fill, limits, head_ops(session.spec, emb))
     return inputs
+
+
+def candidates(inputs: Mapping[str, torch.Tensor]) -> int:
+    """The rows every anchor is compared with: the batch, or the reference set of a loss that takes one
+    (``ref_emb``, pml.* losses) when it is the larger."""
+    n = int(inputs["embeddings"].shape[0])
+    ref = inputs.get("ref_emb")
+    return max(n, int(ref.shape[0])) if ref is not None and ref.dim() == 2 else n
 
 
 def check_step(session: Session, loss: Loss, inputs: Mapping[str, torch.Tensor], limits: Limits) -> None:
@@ -181,14 +200,16 @@ def estimate_bytes(complexity: str, n: int, d: int, m: int, itemsize: int) -> in
 
 
 def estimate_operations(complexity: str, n: int, d: int, m: int) -> float:
-    """A rough estimate of one batch's arithmetic (the n³ constant is calibrated on the matrix form of
-    weighted_margin_ranking, the slowest loss per n³)."""
+    """A rough estimate of one batch's arithmetic (the n³ constant was calibrated on the former O(n³) matrix form of
+    weighted_margin_ranking, the slowest loss per n³; "n2log", n·m·log m, on its present counting form)."""
     m = max(m, n)
     if complexity == "n":
         return 20.0 * n * d
     ops = 10.0 * n * m * d + 50.0 * n * m
     if complexity == "n2d":
         ops += 20.0 * n * m * d
+    if complexity == "n2log":
+        ops += 400.0 * n * m * math.log2(max(m, 2))
     if complexity == "n3":
         ops += 100.0 * n * m * m
     return ops
@@ -262,8 +283,9 @@ def state_bytes(spec: SessionSpec, in_dim: int) -> int:
 
 
 def require_loss_state_budget(loss: Loss, dim: int, budget: int) -> None:
-    """A stateless call of a loss that builds state (a learnable PML loss with seed-0 weights): refuse it before
-    building when the state would not fit the budget."""
+    """A stateless call of a loss that builds state (a learnable PML loss builds its module at the batch's width, and
+    the request's own weights stand in for its parameters): refuse it before building when the state would not fit
+    the budget."""
     need = loss.state_bytes(dim)
     if budget and need > budget:
         raise ResourceExhausted(

@@ -95,12 +95,59 @@ def test_allow_list_is_exactly_served() -> None:
     assert {n for n in names() if n.startswith("pml.")} == {f"pml.{n}" for n in ALLOWED}
 
 
+# What PML 2.9 accepts, written out (checked against PML itself in test_declared_inputs_follow_pml): losses
+# that take labels=None with an indices_tuple, labels=None outright, no indices_tuple, and a reference set.
+LABELS_OR_INDICES = {"CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss", "HistogramLoss",
+                     "IntraPairVarianceLoss", "LiftedStructureLoss", "MarginLoss", "MultiSimilarityLoss", "NTXentLoss",
+                     "SignalToNoiseRatioContrastiveLoss", "SupConLoss", "ThresholdConsistentMarginLoss",
+                     "TripletMarginLoss", "TupletMarginLoss"}
+NO_LABELS = {"DynamicSoftMarginLoss"}
+NO_INDICES = {"InstanceLoss", "P2SGradLoss", "PNPLoss", "RankedListLoss"}
+WITH_REF = LABELS_OR_INDICES - {"HistogramLoss"} | {"AngularLoss", "DynamicSoftMarginLoss", "NCALoss"}
+WEIGHTS = {n: "W" for n in LEARNABLE} | {"P2SGradLoss": "weight", "ProxyAnchorLoss": "proxies",
+                                         "ProxyNCALoss": "proxies", "SoftTripleLoss": "fc", "MarginLoss": "beta"}
+INDEX_INPUTS = ["triplets", "indices_a1", "indices_p", "indices_a2", "indices_n"]
+
+
 @pytest.mark.parametrize("name", sorted(ALLOWED))
 def test_declared_inputs_and_state(name: str) -> None:
     cls = get(f"pml.{name}")
-    assert [s.name for s in cls.inputs] == ["embeddings", "labels"]
+    expected = ["embeddings", "labels"] + ([] if name in NO_INDICES else INDEX_INPUTS) + \
+        (["ref_emb", "ref_labels"] if name in WITH_REF else []) + ([WEIGHTS[name]] if name in WEIGHTS else [])
+    assert [s.name for s in cls.inputs] == expected
+    specs = {s.name: s for s in cls.inputs}
+    assert specs["labels"].required == (name not in LABELS_OR_INDICES | NO_LABELS)
+    assert specs["embeddings"].required and all(not s.required for n, s in specs.items() if n not in
+                                                ("embeddings", "labels"))
+    assert {n for n, s in specs.items() if s.differentiable} == \
+        {"embeddings"} | ({"ref_emb"} if name in WITH_REF else set()) | ({WEIGHTS[name]} if name in WEIGHTS else set())
     assert cls.family == "pml"
     assert cls.stateful == (name in LEARNABLE | {"MarginLoss", "DynamicSoftMarginLoss"})
+
+
+def _pml_accepts(name: str, *args: Any, **kwargs: Any) -> bool:
+    emb, labels = _batch(seed=1)
+    kw = dict(ALLOWED[name])
+    if name in WIDTH_ARG:
+        kw[WIDTH_ARG[name]] = emb.shape[1]
+    try:
+        getattr(pml_losses, name)(**kw)(emb, *[labels if a == "labels" else a for a in args], **kwargs)
+    except (ValueError, AttributeError) as exc:
+        assert "not supported" in str(exc) or "required" in str(exc) or "cannot both be None" in str(exc) \
+            or "NoneType" in str(exc), exc
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED))
+def test_declared_inputs_follow_pml(name: str) -> None:
+    """The written-out sets above are what PML 2.9 itself accepts."""
+    emb, labels = _batch(seed=1)
+    triplets = pml_miners.TripletMarginMiner(margin=10.0)(emb, labels)
+    assert _pml_accepts(name, None) == (name in NO_LABELS)
+    assert _pml_accepts(name, None, triplets) == (name in LABELS_OR_INDICES | NO_LABELS)
+    assert _pml_accepts(name, "labels", triplets) == (name not in NO_INDICES)
+    assert _pml_accepts(name, "labels", ref_emb=emb[:6] * 1.0, ref_labels=labels[:6]) == (name in WITH_REF)
 
 
 @pytest.mark.parametrize("wire", ["pml.BaseMetricLossFunction", "pml.CrossBatchMemory", "pml.MultipleLosses",
@@ -128,13 +175,64 @@ def test_matches_direct_pml_call(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(LEARNABLE))
-def test_stateless_learnable_uses_documented_seed(name: str) -> None:
-    """Without a session the weights are drawn fresh from seed 0 (documented: evaluation only)."""
+def test_stateless_learnable_without_its_weights_is_refused(name: str) -> None:
+    """Without a session the weights must travel with the request: never made-up (seeded) weights."""
     emb, labels = _batch(seed=4)
-    _, out, grad = _served(name, ALLOWED[name], emb, labels)
-    _, ref, ref_grad = _reference(name, ALLOWED[name], emb, labels, seed=0)
+    with pytest.raises(InvalidArgument) as err:
+        _served(name, ALLOWED[name], emb, labels)
+    assert err.value.field == f"inputs.{WEIGHTS[name]}"
+    assert "required" in err.value.message and "session" in err.value.message
+
+
+@pytest.mark.parametrize("name", sorted(LEARNABLE))
+def test_stateless_learnable_with_its_weights_matches_pml(name: str) -> None:
+    """The request's weights are used as they are, and their gradient comes back (P2SGrad renormalises them as
+    PML does in its forward)."""
+    emb, labels = _batch(seed=4)
+    module, ref, ref_grad = _reference(name, ALLOWED[name], emb, labels, seed=11)
+    key = WEIGHTS[name]
+    sent = getattr(module, key).detach().clone()
+    if name == "P2SGradLoss":
+        torch.manual_seed(11)
+        sent = getattr(getattr(pml_losses, name)(**ALLOWED[name], descriptors_dim=DIM), key).detach().clone()
+    loss = get(f"pml.{name}")(ALLOWED[name])
+    out = serve(loss, {"embeddings": emb, "labels": labels, key: sent}, per_item=False)
     _close(out.loss, ref)
-    _close(grad, ref_grad)
+    _close(out.gradients["embeddings"], ref_grad)
+    # the weight gradient against PML's, from the same weights
+    ref_module = _module_with(name, key, sent)
+    value = ref_module(emb, labels)
+    (wgrad,) = torch.autograd.grad(value, getattr(ref_module, key))
+    # gradients come back in the input's dtype (P2SGrad turns its weight into the embeddings' dtype in PML)
+    _close(out.gradients[key], wgrad.to(sent.dtype))
+    assert out.gradients[key].shape == sent.shape and out.gradients[key].abs().sum() > 0
+
+
+def _with_width(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {**kwargs, WIDTH_ARG[name]: DIM} if name in WIDTH_ARG else dict(kwargs)
+
+
+def _module_with(name: str, key: str, weights: torch.Tensor) -> torch.nn.Module:
+    module = getattr(pml_losses, name)(**_with_width(name, ALLOWED[name]))
+    with torch.no_grad():
+        getattr(module, key).data = weights.detach().clone()
+    return module
+
+
+def test_stateless_weights_are_checked() -> None:
+    emb, labels = _batch(seed=4)
+    loss = get("pml.ProxyAnchorLoss")(CLASSIFIER)
+    with pytest.raises(InvalidArgument) as err:
+        loss.check_inputs({"embeddings": emb, "labels": labels, "proxies": torch.zeros(N_CLASSES + 1, DIM)})
+    assert err.value.field == "inputs.proxies" and "expected [4, 6]" in err.value.message
+    held = get("pml.ProxyAnchorLoss")(CLASSIFIER)
+    held.init_state(DIM, torch.device("cpu"), torch.Generator().manual_seed(1), {})
+    with pytest.raises(InvalidArgument) as err:
+        held.check_inputs({"embeddings": emb, "labels": labels, "proxies": torch.zeros(N_CLASSES, DIM)})
+    assert err.value.field == "inputs.proxies" and "session holds" in err.value.message
+    with pytest.raises(InvalidArgument) as err:  # beta is a parameter only with learn_beta
+        get("pml.MarginLoss")({}).check_inputs({"embeddings": emb, "labels": labels, "beta": torch.ones(1)})
+    assert err.value.field == "inputs.beta" and "learn_beta" in err.value.message
 
 
 CONFIGURED = [
@@ -326,8 +424,6 @@ def test_dynamic_soft_margin_histogram_is_committed_only_by_update() -> None:
 @pytest.mark.parametrize(("name", "params", "field"), [
     ("TripletMarginLoss", {"distance": "BatchedDistance"}, "params.distance"),
     ("TripletMarginLoss", {"distance": "__class__"}, "params.distance"),
-    ("TripletMarginLoss", {"reducer": "DoNothingReducer"}, "params.reducer"),
-    ("TripletMarginLoss", {"reducer": "DivisorReducer"}, "params.reducer"),
     ("TripletMarginLoss", {"reducer": "ThresholdReducer"}, "params.reducer_params"),
     ("TripletMarginLoss", {"miner": "BatchHardMiner"}, "params.miner"),
     ("TripletMarginLoss", {"miner": "pml.EmbeddingsAlreadyPackagedAsTriplets"}, "params.miner"),
@@ -340,7 +436,21 @@ def test_dynamic_soft_margin_histogram_is_committed_only_by_update() -> None:
                            "miner_params": {"pos_strategy": "semihard", "neg_strategy": "semihard"}},
      "params.miner_params"),
     ("TripletMarginLoss", {"margn": 0.1}, "params.margn"),
-    ("TripletMarginLoss", {"triplets_per_anchor": "all"}, "params.triplets_per_anchor"),
+    ("TripletMarginLoss", {"triplets_per_anchor": "some"}, "params.triplets_per_anchor"),
+    ("TripletMarginLoss", {"triplets_per_anchor": 0}, "params.triplets_per_anchor"),
+    ("TripletMarginLoss", {"reducer": "MultipleReducers", "reducer_params": {"reducers": {"loss": "x"}}},
+     "params.reducer_params.reducers.loss"),
+    ("TripletMarginLoss", {"reducer": "PerAnchorReducer", "reducer_params": {"reducer": "DoNothingReducer"}},
+     "params.reducer_params.reducer"),
+    ("TripletMarginLoss", {"reducer": "ClassWeightedReducer"}, "params.reducer_params.weights"),
+    ("TripletMarginLoss", {"embedding_regularizer": "Nope"}, "params.embedding_regularizer"),
+    ("TripletMarginLoss", {"embedding_regularizer_params": {"p": 1.0}}, "params.embedding_regularizer_params"),
+    ("TripletMarginLoss", {"embedding_regularizer": "LpRegularizer",
+                           "embedding_regularizer_params": {"q": 1.0}},
+     "params.embedding_regularizer_params.q"),
+    ("TripletMarginLoss", {"weight_regularizer": "LpRegularizer"}, "params.weight_regularizer"),
+    ("ArcFaceLoss", CLASSIFIER | {"weight_regularizer": "SparseCentersRegularizer"},
+     "params.weight_regularizer_params.num_classes"),
     ("ArcFaceLoss", {}, "params.num_classes"),
     ("ArcFaceLoss", CLASSIFIER | {"distance": "LpDistance"}, "params.distance"),
     ("PNPLoss", {"miner": "pml.BatchHardMiner"}, "params.miner"),
