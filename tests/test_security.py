@@ -569,12 +569,13 @@ def test_requests_are_admitted_against_the_server_wide_budget(make_server) -> No
 
 
 def test_work_estimated_past_the_compute_time_limit_is_refused_up_front(make_server) -> None:  # type: ignore[no-untyped-def]
-    """weighted_margin_ranking's matrix form is O(n³): at n = 300 its estimate exceeds a 1 s limit, and it is
-    refused before it runs; the vector form of the same size is O(n²) and runs."""
+    """weighted_margin_ranking's matrix form is O(n² log n) with a large constant (every row an anchor): at
+    n = 2500 its estimate (about 14 s) exceeds a 1 s limit, and it is refused before it runs; the vector form of
+    the same size is O(n²) and runs."""
     h: ServerHandle = make_server(max_compute_seconds=1.0)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((300, 8)).astype(np.float32)
-    gt = np.abs(rng.standard_normal((300, 300))).astype(np.float32)
+    x = rng.standard_normal((2500, 8)).astype(np.float32)
+    gt = np.abs(rng.standard_normal((2500, 2500))).astype(np.float32)
     with h.client() as c:
         with pytest.raises(embtrain.ResourceExhausted) as info:
             c.compute(x, loss="weighted_margin_ranking", gt_distances=gt)
@@ -584,13 +585,13 @@ def test_work_estimated_past_the_compute_time_limit_is_refused_up_front(make_ser
 
 
 def test_an_expired_call_stops_its_computation_at_the_next_block(make_server) -> None:  # type: ignore[no-untyped-def]
-    """A batch of minutes (weighted_margin_ranking's O(n³) matrix form at n = 2000; no compute-time limit here)
+    """A batch of tens of seconds (weighted_margin_ranking's matrix form at n = 4000; no compute-time limit here)
     whose deadline passes gives its worker back within a few blocks (about a second), not when the batch would have
     finished; the bound below is that difference, not a speed target."""
     h: ServerHandle = make_server(max_compute_seconds=0)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2000, 8)).astype(np.float32)
-    gt = np.abs(rng.standard_normal((2000, 2000))).astype(np.float32)
+    x = rng.standard_normal((4000, 8)).astype(np.float32)
+    gt = np.abs(rng.standard_normal((4000, 4000))).astype(np.float32)
     with h.client() as c:
         with pytest.raises(embtrain.DeadlineExceeded):
             c.compute(x, loss="weighted_margin_ranking", gt_distances=gt, timeout=1.0)

@@ -150,8 +150,9 @@ class Loss(ABC):
         """Cross-parameter checks (e.g. ``max_dist > min_dist``); raise ``InvalidArgument``."""
 
     def work_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
-        """How this configuration's arithmetic grows with the batch (``complexity``'s vocabulary), for the
-        compute-time estimate; a loss whose cost depends on its parameters or inputs says so here."""
+        """How this configuration's arithmetic grows with the batch (``complexity``'s vocabulary, plus "n2log":
+        n·m·log m, e.g. a sort per anchor), for the compute-time estimate; a loss whose cost depends on its
+        parameters or inputs says so here."""
         return self.complexity
 
     def memory_complexity(self, inputs: Mapping[str, torch.Tensor]) -> str:
