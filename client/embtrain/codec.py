@@ -103,10 +103,19 @@ def decode_torch(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     dtype = getattr(torch, d.name)
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # The buffer is immutable bytes; nothing downstream writes into decoded inputs.
-        warnings.simplefilter("ignore", UserWarning)
+    global _WARNED
+    if _WARNED:
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
+    with warnings.catch_warnings():
+        # The buffer is immutable bytes; nothing downstream writes into decoded inputs. torch warns about that
+        # once per process, so only the first decode needs the filter (it costs a little on every call).
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.frombuffer(data, dtype=dtype).reshape(shape)
+    _WARNED = True
+    return out
+
+
+_WARNED = False  # torch's one warning about a read-only buffer was given (and hidden) already
 
 
 def wire_dtype_and_buffer(x: Any, field: str = "tensor") -> tuple[int, tuple[int, ...], memoryview]:

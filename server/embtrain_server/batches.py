@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +50,31 @@ def decode_inputs(inputs: Mapping[str, Any], prefix: str = "inputs") -> dict[str
     return out
 
 
+@dataclass
+class Prepared:
+    """A session batch decoded and checked as far as it can be without the session's state (``Batches.prepare``,
+    off the session's order: batch k+1 is prepared while batch k computes). What went wrong is kept and raised when
+    the batch's turn comes, at the point of the checks where the one-step path raises it, so the answer does not
+    depend on which path ran."""
+
+    request_id: str
+    options: compute.ComputeOptions | None = None
+    options_error: Exception | None = None
+    fingerprint: bytes | None = None
+    inputs: dict[str, torch.Tensor] | None = None  # decoded and through ``validation.validate_inputs``
+    error: Exception | None = None
+
+
+@dataclass
+class StatelessBatch:
+    """A stateless batch decoded and checked, ready for the device (``Batches.stateless_batch``)."""
+
+    request_id: str
+    options: compute.ComputeOptions
+    loss: Loss
+    inputs: dict[str, torch.Tensor]
+
+
 class Batches:
     def __init__(self, config: ServerConfig, device: torch.device, store: SessionStore, checkpointer: Checkpointer,
                  metrics: Metrics) -> None:
@@ -81,23 +107,52 @@ class Batches:
             raise invalid("target", "set either session_id or loss (an inline loss spec)")
         return None
 
-    def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str) -> bytes:
+    def compute(self, req: pb.ComputeRequest | wire.WireRequest, principal: str,
+                prepared: Prepared | None = None) -> bytes:
         """One batch that is a whole step (stateless, or a session of group size 1) -> the ComputeResponse's
         bytes. ``req`` is a parsed message or, on the server's fast path, a ``WireRequest`` whose tensors view the
-        received bytes. A session batch runs under the session's order (the caller's scheduler)."""
+        received bytes. A session batch runs under the session's order (the caller's scheduler); ``prepared``:
+        its ``prepare`` done before its turn."""
         session = self.session_for(req, principal)
         if session is None:
             return self.compute_stateless(req, req.request_id or uuid.uuid4().hex, self.options(req))
-        part = self.slice_of(req, session)
+        part = self.slice_of(req, session, prepared)
         if isinstance(part, bytes):
             return part
         return self.commit_step(session, [part])[part.rank]
 
-    def slice_of(self, req: pb.ComputeRequest | wire.WireRequest, session: Session) -> bytes | groups.Slice:
+    def prepare(self, req: pb.ComputeRequest | wire.WireRequest, session: Session) -> Prepared:
+        """What ``slice_of`` does that needs no session state (it may run before the batch's turn, while the
+        session's earlier batches compute): the options, the payload's fingerprint, decoding (the aligned copies)
+        and the checks of the inputs against the loss's declared inputs (names, dtypes, shapes, finiteness).
+        Never raises: what fails is raised in order by ``slice_of``."""
+        p = Prepared(request_id=req.request_id or uuid.uuid4().hex)
+        try:
+            p.options = self.options(req)
+        except Exception as exc:  # noqa: BLE001 - raised in order
+            p.options_error = exc
+            return p
+        if req.HasField("step"):
+            p.fingerprint = steps.digest(req.inputs, p.options)
+        try:
+            raw = decode_inputs(req.inputs)
+            if session.spec.group_size > 1:
+                groups.check_per_row(session.loss_cls, raw)
+            p.inputs = validation.validate_inputs(session.loss_cls, raw,
+                                                  max_batch_elements=self.limits.max_batch_elements,
+                                                  min_rows=0 if session.spec.group_size > 1 else 1)
+        except Exception as exc:  # noqa: BLE001 - raised in order
+            p.error = exc
+        return p
+
+    def slice_of(self, req: pb.ComputeRequest | wire.WireRequest, session: Session,
+                 prepared: Prepared | None = None) -> bytes | groups.Slice:
         """A session batch checked as one member's slice of a step: the kept answer's bytes for a resend of the
-        last applied step, or the validated slice."""
-        request_id = req.request_id or uuid.uuid4().hex
-        options = self.options(req)
+        last applied step, or the validated slice. ``prepared``: ``prepare(req, session)``, done already."""
+        if prepared is not None and prepared.options_error is not None:
+            raise prepared.options_error
+        request_id = prepared.request_id if prepared is not None else req.request_id or uuid.uuid4().hex
+        options = prepared.options if prepared is not None else self.options(req)
         size = session.spec.group_size
         step = req.step if req.HasField("step") else None
         rank = req.rank if req.HasField("rank") else None
@@ -110,15 +165,24 @@ class Batches:
         elif rank not in (None, 0):
             raise invalid("rank", f"expected 0 or unset: the session's group_size is 1, got {rank}")
         rank = rank or 0
-        fingerprint = None if step is None else steps.digest(req.inputs, options)
+        if prepared is not None:
+            fingerprint = prepared.fingerprint
+        else:
+            fingerprint = None if step is None else steps.digest(req.inputs, options)
         kept = steps.admit(step, rank, session.step, session.last, fingerprint)
         if kept is not None:
             return kept.response(request_id, session.step)
-        raw = decode_inputs(req.inputs)
-        if size > 1:
-            groups.check_per_row(session.loss_cls, raw)
-        inputs = validation.check_compute(self.loss_of(session), raw, self.limits, session,
-                                          min_rows=0 if size > 1 else 1)
+        if prepared is not None:
+            if prepared.error is not None:
+                raise prepared.error
+            assert prepared.inputs is not None
+            inputs = validation.check_validated(self.loss_of(session), prepared.inputs, self.limits, session)
+        else:
+            raw = decode_inputs(req.inputs)
+            if size > 1:
+                groups.check_per_row(session.loss_cls, raw)
+            inputs = validation.check_compute(self.loss_of(session), raw, self.limits, session,
+                                              min_rows=0 if size > 1 else 1)
         return groups.Slice(rank=rank, step=session.step + 1 if step is None else step, request_id=request_id,
                             inputs=inputs, digest=fingerprint, options=options)
 
@@ -172,11 +236,27 @@ class Batches:
 
     def compute_stateless(self, req: pb.ComputeRequest | wire.WireRequest, request_id: str,
                           options: compute.ComputeOptions) -> bytes:
+        return self.run_stateless(self._stateless(req, request_id, options))
+
+    def stateless_batch(self, req: pb.ComputeRequest | wire.WireRequest, principal: str) -> StatelessBatch:
+        """A stateless batch up to its device work (the loss and its parameters, decoding, every check): what may
+        run while the workers compute other batches. ``run_stateless`` does the rest."""
+        if self.session_for(req, principal) is not None:
+            raise invalid("target", "expected a loss (an inline loss spec) for a stateless batch")
+        return self._stateless(req, req.request_id or uuid.uuid4().hex, self.options(req))
+
+    def _stateless(self, req: pb.ComputeRequest | wire.WireRequest, request_id: str,
+                   options: compute.ComputeOptions) -> StatelessBatch:
         if not req.loss.name:
             raise invalid("loss.name", "expected a loss name (see ListLosses)")
         loss = losses.get(req.loss.name)(struct_to_dict(req.loss.params))
         inputs = validation.check_compute(loss, decode_inputs(req.inputs), self.limits)
         loss.check_inputs(inputs)
+        return StatelessBatch(request_id, options, loss, inputs)
+
+    def run_stateless(self, prepared: StatelessBatch) -> bytes:
+        """A checked stateless batch (``stateless_batch``) computed and encoded."""
+        request_id, options, loss, inputs = prepared.request_id, prepared.options, prepared.loss, prepared.inputs
         started = time.perf_counter()
         rows = len(inputs["embeddings"]) if "embeddings" in inputs else 0
         with self.working.hold(validation.working_bytes(loss, inputs, rows)), devices.out_of_memory(

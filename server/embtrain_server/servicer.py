@@ -178,6 +178,18 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         self.metrics = metrics
         self.draining = asyncio.Event()
         self.open_streams = 0
+        # The labelled series of the edge metrics, looked up once per method (not on every request).
+        methods = [m.name for m in SERVICE.methods]
+        self._received = {m: metrics.received_bytes.labels(m) for m in methods}
+        self._sent = {m: metrics.sent_bytes.labels(m) for m in methods}
+        self._seconds = {m: metrics.request_seconds.labels(m) for m in methods}
+        self._requests: dict[tuple[str, str], Any] = {}
+
+    def _count(self, method: str, code: str) -> None:
+        child = self._requests.get((method, code))
+        if child is None:
+            child = self._requests[(method, code)] = self.metrics.requests.labels(method, code)
+        child.inc()
 
     def on_worker(self, handler: Callable[[Any, str], Any]) -> Callable[..., Awaitable[Any]]:
         """A service handler run by the scheduler (under the session's order when the request names one)."""
@@ -190,7 +202,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                     call: Callable[[Any, str, Callable[[], bool], threading.Event], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         code = "OK"
-        self.metrics.received_bytes.labels(method).inc(request.ByteSize())
+        self._received[method].inc(request.ByteSize())
         try:
             if self.draining.is_set():
                 raise Unavailable(DRAINING_MESSAGE)
@@ -198,7 +210,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                 raise request.error()
             async with self.admission.hold(request.ByteSize()):
                 resp = await call(request, current_principal(), context.cancelled, _ended(context))
-            self.metrics.sent_bytes.labels(method).inc(_size(resp))
+            self._sent[method].inc(_size(resp))
             return resp
         except ServiceError as err:
             code = err.code_name
@@ -213,15 +225,20 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             log.exception("%s failed", method)
             await context.abort_with_status(to_grpc_status(err))
         finally:
-            self.metrics.requests.labels(method, code).inc()
-            self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+            self._count(method, code)
+            self._seconds[method].observe(time.perf_counter() - started)
 
     async def compute(self, req: Any, principal: str, cancelled: Callable[[], bool] = lambda: False,
-                      stop: threading.Event | None = None) -> bytes:
+                      stop: threading.Event | None = None, withdrawn: Callable[[], bool] | None = None) -> bytes:
         """One Compute batch: a whole step on a worker, or a member's slice of a group step, which waits for the
-        other members' slices (``groups``) without holding a worker. ``stop`` is set when the call ends."""
-        if isinstance(req, Unparsed):  # stateless: parsed, computed and answered on a worker
-            return await self.scheduler.run(_parsed_first(self.batches.compute), req, principal, stop=stop)
+        other members' slices (``groups``) without holding a worker. ``stop`` is set when the call ends. A session
+        batch is decoded and checked as far as it can be without the session's state (``Batches.prepare``) as soon
+        as it arrives, on a worker, while the session's earlier batches still run. ``withdrawn`` (a stream's
+        whole-step batches): checked on the worker as the batch would start; if it holds, ``Withdrawn``."""
+        if isinstance(req, Unparsed):  # stateless: parsed, decoded and checked, computed and answered off the loop
+            run = self.batches.run_stateless
+            return await self.scheduler.run(run if withdrawn is None else _unless(withdrawn, run), stop=stop,
+                                            prepare=functools.partial(self._stateless_batch, req, principal))
         session = self.batches.session_for(req, principal)
         if session is not None and session.spec.replicated:  # computed by the replicas together
             replicas_of(self.replicas, session).require_up()
@@ -239,14 +256,21 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                 return part
             return await self.replicas.submit(session, part, functools.partial(self.batches.check_slices, session))
         if session is None or session.spec.group_size == 1:
-            return await self.scheduler.run(self.batches.compute, req, principal, session_id=_session_id(req),
-                                            cancelled=cancelled, stop=stop)
+            fn = self.batches.compute
+            return await self.scheduler.run(
+                fn if withdrawn is None else _unless(withdrawn, fn), req, principal, session_id=_session_id(req),
+                cancelled=cancelled, stop=stop,
+                prepare=None if session is None else functools.partial(self.batches.prepare, req, session))
         part = await self.scheduler.run(self.batches.slice_of, req, session, session_id=session.id,
-                                        cancelled=cancelled)
+                                        cancelled=cancelled,
+                                        prepare=functools.partial(self.batches.prepare, req, session))
         if isinstance(part, bytes):  # the kept answer of the last step
             return part
         return await self.groups.submit(session, part, functools.partial(self.batches.check_slices, session),
                                         self.batches.commit_step)
+
+    def _stateless_batch(self, req: Unparsed, principal: str) -> Any:
+        return self.batches.stateless_batch(req.parse(), principal)
 
     # ---- RPCs --------------------------------------------------------------------------------------------
     async def Compute(self, request, context):  # type: ignore[no-untyped-def]
@@ -286,35 +310,19 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                 raise ResourceExhausted(f"streams: {self.open_streams} open, the server's max_concurrent_streams; "
                                         "retry later", field="streams")
         except ServiceError as err:
-            self.metrics.requests.labels(method, err.code_name).inc()
+            self._count(method, err.code_name)
             await context.abort_with_status(to_grpc_status(err))
             return
-        principal = current_principal()
-        stop = _ended(context)
+        chain = _StreamChain(self, current_principal(), _ended(context))
         self.open_streams += 1
         self.metrics.open_streams.inc()
         try:
             async with StreamPump(request_iterator, self.config.max_inflight_per_stream, self.draining,
-                                  self.metrics.stream_pending) as pump:
-                while (req := await pump.next()) is not None:
-                    started = time.perf_counter()
-                    self.metrics.received_bytes.labels(method).inc(req.ByteSize())
-                    try:
-                        if isinstance(req, Malformed):
-                            raise req.error()
-                        async with self.admission.hold(req.ByteSize()):
-                            resp = await self.compute(req, principal, stop=stop)
-                    except NotFound as err:  # stream-level: the stream targets a session that is not there
-                        self.metrics.requests.labels(method, err.code_name).inc()
-                        await context.abort_with_status(to_grpc_status(err))
-                    except Exception as err:  # noqa: BLE001 - a bad batch must not end the stream or the server
-                        if not isinstance(err, ServiceError):
-                            log.exception("ComputeStream batch %r failed", _request_id(req))
-                        resp = pb.ComputeResponse(request_id=_request_id(req), error=to_status_proto(err))
-                    code = "OK" if isinstance(resp, bytes) else status_code(resp.error.code).name
-                    self.metrics.requests.labels(method, code).inc()
-                    self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
-                    self.metrics.sent_bytes.labels(method).inc(_size(resp))
+                                  self.metrics.stream_pending, chain.start) as pump:
+                while (resp := await pump.next()) is not None:
+                    if isinstance(resp, NotFound):  # stream-level: the stream targets a session that is not there
+                        self._count(method, resp.code_name)
+                        await context.abort_with_status(to_grpc_status(resp))
                     yield resp
                     pump.answered()
         except Draining:
@@ -322,6 +330,80 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         finally:
             self.open_streams -= 1
             self.metrics.open_streams.dec()
+
+    async def stream_batch(self, req: Any, chain: _StreamChain, previous: asyncio.Future[Any] | None,
+                           admitted_before: asyncio.Event | None, admitted: asyncio.Event
+                           ) -> bytes | pb.ComputeResponse | NotFound:
+        """One batch of a ComputeStream, started when it is read (``StreamPump``), while the batches before it
+        may still run. What must stay in arrival order does: admission (each batch enters it after the one before
+        it), a session's order (taken right after admission, with no wait in between, so in arrival order too;
+        kept by the scheduler, which also runs the decoding and checks of the batch early: ``Batches.prepare``),
+        and a group or replicated session's slices, whose batch starts only once the one before it has finished.
+        A batch that has not started when the server drains raises ``Draining`` (never applied). Returns the
+        answer (in-band errors included) or the ``NotFound`` that ends the stream."""
+        method = "ComputeStream"
+        started = time.perf_counter()
+        self._received[method].inc(req.ByteSize())
+        try:
+            try:
+                session = None
+                if not isinstance(req, (Malformed, Unparsed)):
+                    session = self.batches.session_for(req, chain.principal)
+                serial = session is not None and (session.spec.group_size > 1 or session.spec.replicated)
+                if serial and previous is not None:
+                    await asyncio.wait((previous,))
+                if admitted_before is not None:
+                    await admitted_before.wait()
+                if isinstance(req, Malformed):
+                    raise req.error()
+                if self.draining.is_set():
+                    raise Draining
+                async with self.admission.hold(req.ByteSize()):
+                    admitted.set()
+                    resp = await self.compute(req, chain.principal, stop=chain.stop,
+                                              withdrawn=None if serial else self.draining.is_set)
+            finally:
+                admitted.set()
+        except Draining:  # not started (``Withdrawn`` too): the stream ends here
+            raise
+        except NotFound as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - a bad batch must not end the stream or the server
+            if not isinstance(err, ServiceError):
+                log.exception("ComputeStream batch %r failed", _request_id(req))
+            resp = pb.ComputeResponse(request_id=_request_id(req), error=to_status_proto(err))
+        self._count(method, "OK" if isinstance(resp, bytes) else status_code(resp.error.code).name)
+        self._seconds[method].observe(time.perf_counter() - started)
+        self._sent[method].inc(_size(resp))
+        return resp
+
+
+class Withdrawn(Draining):
+    """A stream batch whose turn came while the server drains: not started, never applied."""
+
+
+def _unless(withdrawn: Callable[[], bool], fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, refused with ``Withdrawn`` when ``withdrawn()`` holds as it would start (checked on the worker)."""
+    def run(*args: Any, **kwargs: Any) -> T:
+        if withdrawn():
+            raise Withdrawn
+        return fn(*args, **kwargs)
+    return run
+
+
+class _StreamChain:
+    """The batches of one ComputeStream, linked in arrival order (``Servicer.stream_batch``)."""
+
+    def __init__(self, servicer: Servicer, principal: str, stop: threading.Event) -> None:
+        self.servicer, self.principal, self.stop = servicer, principal, stop
+        self.last: asyncio.Future[Any] | None = None
+        self.last_admitted: asyncio.Event | None = None
+
+    def start(self, req: Any) -> asyncio.Future[Any]:
+        admitted = asyncio.Event()
+        task = asyncio.ensure_future(self.servicer.stream_batch(req, self, self.last, self.last_admitted, admitted))
+        self.last, self.last_admitted = task, admitted
+        return task
 
 
 __all__ = ["Malformed", "Servicer", "add_to_server"]
