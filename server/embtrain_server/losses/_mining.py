@@ -119,10 +119,12 @@ def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | 
     return Candidates(x, r, y, yr, same - 1, r.shape[0] - same, None if rows is None else (int(rows[0]), int(rows[1])))
 
 
-def row_blocks(n: int, m: int, device: torch.device, start: int = 0) -> Iterator[tuple[int, int]]:
-    """Anchor blocks [s, e) covering [start, n) whose distance rows fit the block budget; a cancelled call stops
-    between blocks."""
-    rows = max(1, _budget(device) // max(m, 1))
+def row_blocks(n: int, m: int, device: torch.device, start: int = 0,
+               rows: int | None = None) -> Iterator[tuple[int, int]]:
+    """Anchor blocks [s, e) covering [start, n) whose distance rows fit the block budget (or of ``rows`` rows); a
+    cancelled call stops between blocks."""
+    if rows is None:
+        rows = max(1, _budget(device) // max(m, 1))
     for s in range(start, n, rows):
         cancellation.check()
         yield s, min(n, s + rows)
@@ -135,6 +137,28 @@ def block_masks(c: Candidates, s: int, e: int) -> tuple[Tensor, Tensor]:
     rows = torch.arange(e - s, device=same.device)
     pos[rows, rows + s] = False
     return same, pos
+
+
+class LabelIndex:
+    """Candidate labels ``yr [m]`` sorted once, so that the same-label ``(row, column)`` pairs of a block of anchor
+    rows come as index lists in O(b + pairs), without a ``[b, m]`` mask."""
+
+    def __init__(self, yr: Tensor) -> None:
+        self.order = torch.argsort(yr, stable=True)
+        self.sorted = yr[self.order].contiguous()
+
+    def counts(self, ya: Tensor) -> Tensor:
+        """Candidates with each of the labels ``ya``."""
+        return torch.searchsorted(self.sorted, ya, right=True) - torch.searchsorted(self.sorted, ya)
+
+    def pairs(self, ya: Tensor) -> tuple[Tensor, Tensor]:
+        """``(i, j)``: every candidate ``j`` with label ``ya[i]``, by ``i`` then ``j`` ascending."""
+        start = torch.searchsorted(self.sorted, ya)
+        cnt = torch.searchsorted(self.sorted, ya, right=True) - start
+        i = torch.repeat_interleave(torch.arange(ya.numel(), device=ya.device), cnt)
+        offset = torch.cumsum(cnt, 0) - cnt
+        j = self.order[start[i] + torch.arange(i.numel(), device=ya.device) - offset[i]]
+        return i, j
 
 
 def _pad_by_row(rows: Tensor, n_rows: int, values: Tensor, fill: float) -> tuple[Tensor, Tensor]:
@@ -197,17 +221,29 @@ def mine_batch_hard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, 
     """B.2: for each anchor with a positive and a negative, the farthest positive and the closest negative.
 
     Ties go to the lowest index (torch's argmax/argmin return the first extremum). Returns ``(a, p*, n*)``.
+
+    The positives (a few per anchor in a P·K batch) are handled as index lists (``LabelIndex``): the farthest is
+    a segment maximum over them, and the closest negative an ``argmin`` over the row with the same-label entries
+    set to +inf, so no ``[b, m]`` mask is built.
     """
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     lo, hi = c.rows
+    prepared = dist.prepare(c.r)
+    labels = LabelIndex(c.yr)
     for s, e in row_blocks(hi, c.m, c.x.device, lo):
         valid = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(valid.any()):
             continue
-        d, _ = dist.matrix(c.x[s:e], c.r)
-        same, pos = block_masks(c, s, e)
-        p_star = d.masked_fill(~pos, -_INF).argmax(1)
-        n_star = d.masked_fill(same, _INF).argmin(1)
+        d, _ = dist.matrix(c.x[s:e], c.r, prepared, self_col=s)
+        si, sj = labels.pairs(c.y[s:e])  # same label, by row then column ascending; the anchor itself included
+        not_self = sj != si + s
+        pi, pj = si[not_self], sj[not_self]
+        dp = d[pi, pj]
+        best = torch.full((e - s,), -_INF, dtype=d.dtype, device=d.device).scatter_reduce_(0, pi, dp, "amax")
+        first = torch.where(dp == best[pi], pj, c.m)  # lowest column among a row's farthest positives
+        p_star = torch.full((e - s,), c.m, dtype=torch.int64, device=d.device).scatter_reduce_(0, pi, first, "amin")
+        d[si, sj] = _INF
+        n_star = d.argmin(1)
         rows = valid.nonzero(as_tuple=True)[0]
         out.append((rows + s, p_star[rows], n_star[rows]))
     return _cat3(out, c.x.device)
@@ -224,11 +260,12 @@ def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Te
     """
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     lo, hi = c.rows
+    prepared = dist.prepare(c.r)
     for s, e in row_blocks(hi, c.m, c.x.device, lo):
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
             continue
-        d, _ = dist.matrix(c.x[s:e], c.r)
+        d, _ = dist.matrix(c.x[s:e], c.r, prepared, self_col=s)
         same, pos = block_masks(c, s, e)
         pos &= has[:, None]
         a_loc, p = pos.nonzero(as_tuple=True)
@@ -307,47 +344,168 @@ class TripletEval:
 
 
 def evaluate_triplets(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, neg: Tensor, *, margin: float,
-                      soft: bool = False, swap: bool = False) -> TripletEval:
+                      soft: bool = False, swap: bool = False, unique_anchors: bool = False) -> TripletEval:
     """Per-triplet losses ``[margin + d(a,p) - d(a,n)]_+`` (or ``softplus(d(a,p) - d(a,n))``) and the gradient of
-    their sum, exactly through ``dist.pairs`` on the gathered rows, in bounded chunks.
+    their sum, exactly from the gathered rows' differences, in bounded chunks.
 
     ``swap`` replaces ``d(a,n)`` by ``d(p,n)`` when strictly smaller (a tie keeps ``d(a,n)``, LOSSES.md C.3).
-    A hinge at exactly 0 has zero gradient (relu).
+    A hinge at exactly 0 has zero gradient (relu). The distances with a closed-form gradient
+    (``PairDistance.pairs_grad``: B.1's clamped euclidean, ``pairwise_distance`` with p = 2, squared euclidean)
+    are differentiated by hand, the others (cosine, other p) by autograd through ``dist.pairs``; both give
+    autograd's numbers. ``unique_anchors``: ``a`` is ascending without repeats (one triplet per anchor, batch-hard),
+    so a run of consecutive anchors is read and written as a slice.
+
+    Many triplets per anchor (semi-hard: one per positive pair) are evaluated by anchor rows instead
+    (``_evaluate_by_rows``): the distances of each block of anchors to every candidate (Gram form, near entries
+    exact, as the miners see them), and the gradient from a ``[rows, m]`` coefficient matrix through
+    ``dist.backward`` (matmuls), which costs less than gathering ``3·k`` rows of width ``d`` once ``k`` is more than
+    about ``rows·m/ROWS_PATH_RATIO``.
     """
     r = c.r
     k = a.numel()
     d = r.shape[1]
+    closed = dist.pairs_grad(r[:1], r[:1]) is not None
+    if closed and not swap and k and dist.prepare(r[:1]) is not None:
+        rows = torch.unique(a)
+        if k * d > ROWS_PATH_RATIO * rows.numel() * r.shape[0]:
+            return _evaluate_by_rows(dist, c, a, p, neg, rows, margin, soft)
     grad = torch.zeros_like(r)
     values = torch.empty(k, dtype=r.dtype, device=r.device)
     d_ap = torch.empty_like(values)
     d_an = torch.empty_like(values)
     total = torch.zeros((), dtype=torch.float64, device=r.device)
     step = max(1, CHUNK_ELEMS // max(d, 1))
-    with torch.enable_grad():
-        for s in range(0, k, step):
-            e = min(k, s + step)
-            ia, ip, ineg = a[s:e], p[s:e], neg[s:e]
-            ua = r[ia].requires_grad_(True)
-            up = r[ip].requires_grad_(True)
-            un = r[ineg].requires_grad_(True)
-            dap = dist.pairs(ua, up)
-            dan = dist.pairs(ua, un)
-            if swap:
-                dpn = dist.pairs(up, un)
-                dan = torch.where(dpn < dan, dpn, dan)
-            if soft:
-                ell = torch.logaddexp(dap - dan, torch.zeros_like(dap))  # softplus, gradient sigmoid (also at 0)
-            else:
-                ell = torch.relu((margin + dap) - dan)
-            ga, gp, gn = torch.autograd.grad(ell.sum(), (ua, up, un))
-            grad.index_add_(0, ia, ga)
-            grad.index_add_(0, ip, gp)
-            grad.index_add_(0, ineg, gn)
-            values[s:e] = ell.detach()
-            d_ap[s:e] = dap.detach()
-            d_an[s:e] = dan.detach()
-            total += ell.detach().sum(dtype=torch.float64)
+    for s in range(0, k, step):
+        e = min(k, s + step)
+        ia, ip, ineg = a[s:e], p[s:e], neg[s:e]
+        if closed:
+            run = None
+            if unique_anchors and e > s and int(ia[-1]) - int(ia[0]) == e - s - 1:
+                run = int(ia[0])
+            ell, dap, dan = _triplet_chunk_closed(dist, r, grad, ia, ip, ineg, margin, soft, swap, run)
+        else:
+            ell, dap, dan = _triplet_chunk_autograd(dist, r, grad, ia, ip, ineg, margin, soft, swap)
+        values[s:e] = ell
+        d_ap[s:e] = dap
+        d_an[s:e] = dan
+        total += ell.sum(dtype=torch.float64)
     return TripletEval(float(total), grad[:c.n], values, d_ap, d_an)
+
+
+# evaluate_triplets works on anchor rows (matmuls) instead of gathered rows when k·d > ROWS_PATH_RATIO·rows·m:
+# gathering and differencing costs ~15 memory-bound passes over [k, d], the rows path two [rows, m, d] matmuls and
+# a few passes over [rows, m] (measured on CPU: semi-hard at n = 256 is 2-5x faster by rows, at n = 1024 by rows
+# for d = 512 and by gathering for d = 128).
+ROWS_PATH_RATIO = 4
+
+
+def _evaluate_by_rows(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, neg: Tensor, rows: Tensor,
+                      margin: float, soft: bool) -> TripletEval:
+    """``evaluate_triplets`` by blocks of the distinct anchors ``rows`` (ascending): their distance rows, the
+    triplets' ``d(a,p)``, ``d(a,n)`` read from them, and the gradient of ``Σ ℓ`` as ``dist.backward`` of the
+    coefficients ``∂Σℓ/∂d`` (accumulated: a pair in several triplets adds up)."""
+    r = c.r
+    k = a.numel()
+    dev = r.device
+    order = torch.argsort(a, stable=True)
+    a_s, p_s, n_s = a[order], p[order], neg[order]
+    grad = torch.zeros_like(r)
+    values = torch.empty(k, dtype=r.dtype, device=dev)
+    d_ap = torch.empty_like(values)
+    d_an = torch.empty_like(values)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    prepared = dist.prepare(r)
+    step = max(1, _budget(dev) // max(r.shape[0], 1))
+    bounds = torch.searchsorted(a_s, rows[::step].contiguous()).tolist() + [k]  # each block's triplet range
+    for blk_i, i0 in enumerate(range(0, rows.numel(), step)):
+        cancellation.check()
+        rows_b = rows[i0:i0 + step]
+        t0, t1 = bounds[blk_i], bounds[blk_i + 1]
+        x_b = r.index_select(0, rows_b)
+        dmat, aux = dist.matrix(x_b, r, prepared)
+        loc = torch.searchsorted(rows_b, a_s[t0:t1])
+        pb, nb = p_s[t0:t1], n_s[t0:t1]
+        dap, dan = dmat[loc, pb], dmat[loc, nb]
+        ell, cf = _hinge(dap, dan, margin, soft)
+        coef = torch.zeros_like(dmat)
+        coef.index_put_((loc, pb), cf, accumulate=True)
+        coef.index_put_((loc, nb), -cf, accumulate=True)
+        gx, gr = dist.backward(x_b, r, coef, dmat, aux)
+        grad.index_add_(0, rows_b, gx)
+        grad += gr
+        idx = order[t0:t1]
+        values[idx] = ell
+        d_ap[idx] = dap
+        d_an[idx] = dan
+        total += ell.sum(dtype=torch.float64)
+    return TripletEval(float(total), grad[:c.n], values, d_ap, d_an)
+
+
+def _hinge(dap: Tensor, dan: Tensor, margin: float, soft: bool) -> tuple[Tensor, Tensor]:
+    """``(ℓ, ∂ℓ/∂d_ap)``; ``∂ℓ/∂d_an`` is its negative."""
+    if soft:
+        arg = dap - dan
+        return torch.logaddexp(arg, torch.zeros_like(arg)), torch.sigmoid(arg)  # softplus; σ also at 0
+    arg = (margin + dap) - dan
+    return torch.relu(arg), (arg > 0).to(arg.dtype)  # relu: zero gradient at exactly 0
+
+
+def _triplet_chunk_closed(dist: PairDistance, r: Tensor, grad: Tensor, ia: Tensor, ip: Tensor, ineg: Tensor,
+                          margin: float, soft: bool, swap: bool, run: int | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk differentiated by hand; ``run``: the anchors are the rows ``run, run + 1, ...`` (a slice)."""
+    ua = r.index_select(0, ia) if run is None else r[run:run + ia.numel()]
+    up, un = r.index_select(0, ip), r.index_select(0, ineg)
+    dap, g_ap = dist.pairs_grad(ua, up)  # type: ignore[misc]
+    dan, g_an = dist.pairs_grad(ua, un)  # type: ignore[misc]
+    use = None
+    if swap:
+        dpn, g_pn = dist.pairs_grad(up, un)  # type: ignore[misc]
+        use = dpn < dan
+        dan = torch.where(use, dpn, dan)
+    ell, coef = _hinge(dap, dan, margin, soft)
+    # ∂ℓ/∂a = c(G_ap − G_an), ∂ℓ/∂p = −c·G_ap, ∂ℓ/∂n = c·G_an (G = ∂d/∂first argument); swapped: d_pn instead
+    c_ = coef[:, None]
+    g_ap.mul_(c_)
+    if use is None:
+        g_an.mul_(c_)
+        if run is None:
+            grad.index_add_(0, ia, g_ap - g_an)
+        else:
+            grad[run:run + ia.numel()] += g_ap - g_an
+        grad.index_add_(0, ip, g_ap, alpha=-1)
+        grad.index_add_(0, ineg, g_an)
+    else:
+        keep = (coef * ~use)[:, None]
+        moved = (coef * use)[:, None]
+        g_an.mul_(keep)
+        g_pn.mul_(moved)
+        grad.index_add_(0, ia, g_ap - g_an)
+        grad.index_add_(0, ip, g_ap + g_pn, alpha=-1)
+        grad.index_add_(0, ineg, g_an + g_pn)
+    return ell, dap, dan
+
+
+def _triplet_chunk_autograd(dist: PairDistance, r: Tensor, grad: Tensor, ia: Tensor, ip: Tensor, ineg: Tensor,
+                            margin: float, soft: bool, swap: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.enable_grad():
+        ua = r[ia].requires_grad_(True)
+        up = r[ip].requires_grad_(True)
+        un = r[ineg].requires_grad_(True)
+        dap = dist.pairs(ua, up)
+        dan = dist.pairs(ua, un)
+        if swap:
+            dpn = dist.pairs(up, un)
+            dan = torch.where(dpn < dan, dpn, dan)
+        if soft:
+            ell = torch.logaddexp(dap - dan, torch.zeros_like(dap))  # softplus, gradient sigmoid (also at 0)
+        else:
+            ell = torch.relu((margin + dap) - dan)
+        ga, gp, gn = torch.autograd.grad(ell.sum(), (ua, up, un))
+    grad.index_add_(0, ia, ga)
+    grad.index_add_(0, ip, gp)
+    grad.index_add_(0, ineg, gn)
+    return ell.detach(), dap.detach(), dan.detach()
 
 
 # ---- all valid triplets -------------------------------------------------------------------------------------------
@@ -393,11 +551,12 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
     sum_dan = torch.zeros((), dtype=torch.float64, device=dev)
     bucket_path = not (soft or swap or want_values)
     lo, hi = c.rows
+    prepared = dist.prepare(c.r)
     for s, e in row_blocks(hi, m, dev, lo):
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
             continue
-        d, aux = dist.matrix(c.x[s:e], c.r)
+        d, aux = dist.matrix(c.x[s:e], c.r, prepared, self_col=s)
         same, pos = block_masks(c, s, e)
         pos &= has[:, None]
         a_loc, p = pos.nonzero(as_tuple=True)
@@ -442,7 +601,7 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
             coef = torch.zeros_like(d)
             if swap:
                 p_uniq, p_inv = torch.unique(p, return_inverse=True)
-                d_p, aux_p = dist.matrix(c.r[p_uniq], c.r)
+                d_p, aux_p = dist.matrix(c.r[p_uniq], c.r, prepared)
                 d_pneg = d_p.masked_fill(c.yr[p_uniq][:, None] == c.yr[None, :], _INF)  # y_p = y_a
                 coef_p = torch.zeros_like(d_p)
             step = max(1, _budget(dev) // max(m, 1))

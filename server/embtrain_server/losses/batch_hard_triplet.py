@@ -49,7 +49,8 @@ class BatchHardTriplet(Loss):
         if a.numel() == 0 and ctx.shard is None:
             return empty_output(emb, ctx)
         soft = bool(self.params["soft"])
-        ev = evaluate_triplets(dist, c, a, p, neg, margin=float(self.params["margin"]), soft=soft)
+        ev = evaluate_triplets(dist, c, a, p, neg, margin=float(self.params["margin"]), soft=soft,
+                               unique_anchors=True)
         k = a.numel()
         active = torch.ones_like(ev.values, dtype=torch.bool) if soft else ev.values > 0
         triplets = torch.stack([a, p, neg], 1)[active]  # anchors ascending, one each: sorted and unique

@@ -7,8 +7,20 @@ With cross-batch memory (``ctx.memory``) the anchors are the batch rows and the 
 plus every memory row: the pairs are ``(i, j)`` for batch ``i < j`` and ``(i, n + k)`` for every memory row
 ``k``, ``n(n−1)/2 + n·m`` of them; memory rows get no gradient.
 
-The module also holds the squared-distance helpers the pairwise losses share: exact float64 values (``distances``,
-LOSSES.md §0.6), made differentiable through the Gram form.
+How it is computed (closed form, no autograd graph; ``distances.with_gradient`` hands the gradient to autograd):
+
+* **Positive pairs** per class from the class means, in float64: ``Σ_{j∈c} ||x_i − x_j||² = |c|·||x_i − μ_c||² +
+  Σ_{j∈c} ||x_j − μ_c||²`` and ``Σ_{j∈c} (x_i − x_j) = |c|·(x_i − μ_c)``. That is O((n + m)·d) and exact: no
+  pairwise difference of two nearby points is ever formed in the input's precision.
+* **Negative pairs** over blocks of anchor rows against every candidate: squared distances in the input's dtype
+  with the Gram form, every entry near cancellation recomputed exactly from differences (LOSSES.md §0.6,
+  ``distances.CandidateRows``), then ``gap = [margin − D]_+`` and the gradient ``Σ_j −gap_ij/D_ij (x_i − x_j)``
+  as one matmul per block (``SqBlock.diff_sum``; the exact near entries are added from differences). A negative
+  pair closer than the clamp (duplicates) has zero gradient, as in B.1.
+* Every row's gradient collects all its pairs (the batch block is taken in both directions), so a batch pair's
+  loss is counted half from each of its rows, a memory pair's fully from its batch row.
+
+Peak memory is O(block · (n + m)) in the input's dtype: a few preallocated ``[rows, n + m]`` buffers.
 """
 
 from __future__ import annotations
@@ -19,8 +31,12 @@ import torch
 
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
-from ._mining import check_labels
-from .distances import sq_dists_with_grad
+from ._mining import LabelIndex, check_labels, row_blocks
+from .distances import CLAMP_SQ, CandidateRows, with_gradient, work_dtype
+
+# Elements of one [rows, n + m] working block (several buffers of this size are alive at once): small enough to
+# stay in the CPU's cache between the passes over it, large enough for efficient matmuls.
+BLOCK_ELEMS = {"cpu": 2**18, "cuda": 2**24}
 
 
 @register
@@ -28,8 +44,9 @@ class ContrastiveLoss(Loss):
     """Contrastive loss (§E.1). With cross-batch memory the pairs are (batch i, batch j > i) and (batch i,
     every memory row); the mean is over all of those pairs.
 
-    Shardable: with ``ctx.shard`` a shard takes the pairs whose first row is one of its rows (``per_item``: their
-    per-pair losses, row-major, its part of the global list); the mean still divides by every pair."""
+    Shardable: with ``ctx.shard`` a shard computes the terms of its rows (half of every batch pair a row is in, all
+    of its memory pairs) and their gradient rows; ``per_item`` is the per-pair losses of the pairs whose first row
+    is one of its rows, row-major (its part of the global list); the mean still divides by every pair."""
 
     name = "contrastive"
     uses_memory = True
@@ -44,44 +61,110 @@ class ContrastiveLoss(Loss):
         Param("reduction", "enum", "mean", "mean over all pairs, or their sum", choices=("mean", "sum")),
     ))
     complexity = "n2"
-    shardable = True  # a shard takes the pairs whose first row is one of its rows
+    shardable = True  # a shard takes the terms of its rows
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs, inputs["embeddings"].shape[0])
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
         x, y = inputs["embeddings"], inputs["labels"]
-        n = x.shape[0]
-        cand, cand_y = x, y
+        n, d = x.shape
+        dev = x.device
+        xw = x.detach().to(work_dtype(x.dtype))
+        dt = xw.dtype
+        y = y.to(device=dev, dtype=torch.int64)
+        cand, cand_y = xw, y
         if ctx.memory is not None and ctx.memory.embeddings.shape[0] > 0:
-            cand = torch.cat([x, ctx.memory.embeddings.detach().to(device=x.device, dtype=x.dtype)])
-            cand_y = torch.cat([y, ctx.memory.labels.to(device=y.device, dtype=y.dtype)])
+            cand = torch.cat([xw, ctx.memory.embeddings.detach().to(device=dev, dtype=dt)])
+            cand_y = torch.cat([y, ctx.memory.labels.to(device=dev, dtype=torch.int64)])
         total = cand.shape[0]
-        # Shard mode: the pairs whose first (anchor) row is one of this shard's rows; the anchor rows keep their
-        # gradient path through the slice, the partner rows theirs through ``cand``.
         lo, hi = ctx.anchor_rows(n)
-        xa, ya = (x, y) if ctx.shard is None else (x[lo:hi], y[lo:hi])
+        margin = float(self.params["margin"])
+        need_grad = torch.is_grad_enabled() and x.requires_grad
 
-        sq = sq_dists_with_grad(xa, cand)
-        col = torch.arange(total, device=x.device)
-        row = torch.arange(lo, hi, device=x.device)
-        # Unordered batch pairs i < j once; every memory column (index >= n) with every batch row.
-        used = (col[None, :] > row[:, None])
-        same = ya[:, None] == cand_y[None, :]
-        pos, neg = used & same, used & ~same
+        f64 = torch.float64
+        grad = None  # [n, d]: every anchor row is written by its block, the others (shard mode) stay 0
+        loss_sum = torch.zeros((), dtype=f64, device=dev)  # accumulated without a device sync per block
+        active = torch.zeros((), dtype=f64, device=dev)
+        pos_count = torch.zeros((), dtype=f64, device=dev)
+        per_item: list[torch.Tensor] = []
+        if hi > lo and total > 1:
+            rows_cap = max(1, min(hi - lo, BLOCK_ELEMS.get(dev.type, 2**22) // max(total, 1)))
+            cr = CandidateRows(cand)
+            labels = LabelIndex(cand_y)
+            buf = torch.empty(rows_cap, total, dtype=dt, device=dev)
+            gap_buf = torch.empty(rows_cap, total, dtype=dt, device=dev)
+            m_t = torch.tensor(margin, dtype=dt, device=dev)
+            # positive pairs of these rows: half of each batch pair (i, j != i), every memory pair
+            cnt_all = labels.counts(y[lo:hi]).to(f64)
+            cnt_b = cnt_all if total == n else LabelIndex(y).counts(y[lo:hi]).to(f64)
+            pos_count = (0.5 * (cnt_b - 1) + (cnt_all - cnt_b)).sum()
+            for s, e in row_blocks(hi, total, dev, lo, rows=rows_cap):
+                b = e - s
+                blk = cr.sq_block(xw[s:e], out=buf[:b], self_col=s)
+                sq = blk.sq
+                pi, pj = labels.pairs(y[s:e])  # same-label pairs (each row's own entry included: exactly 0)
+                if ctx.want_per_item:
+                    per_item.append(self._pair_values(sq, (pi, pj), margin, s))
+                # positives: ½||x_i − x_j||², gradient (x_i − x_j); a batch pair is counted half from each of its rows
+                sq_pos = sq[pi, pj]
+                if total == n:
+                    loss_sum += 0.25 * sq_pos.sum(dtype=f64)
+                else:
+                    loss_sum += 0.5 * (sq_pos * torch.where(pj < n, 0.5, 1.0).to(dt)).sum(dtype=f64)
+                tiny = blk.below_clamp() if need_grad else None
+                dist = sq.clamp_min_(CLAMP_SQ).sqrt_()
+                # negatives: ½[margin − D]_+², gradient −gap/D · (x_i − x_j), zero below the clamp (duplicates)
+                gap = torch.sub(m_t, dist, out=gap_buf[:b]).clamp_min_(0.0)
+                gap[pi, pj] = 0.0
+                if need_grad:
+                    coef = torch.div(gap, dist, out=dist).neg_()
+                    if tiny is not None and tiny[0].numel():
+                        coef[tiny] = 0.0  # the clamp (negatives only: a positive pair's ½sq is smooth)
+                    coef[pi, pj] = 1.0
+                    gx, _ = blk.diff_sum(coef)
+                    if b == n:
+                        grad = gx  # the whole batch in one block
+                    else:
+                        if grad is None:
+                            grad = torch.zeros(n, d, dtype=dt, device=dev)
+                        grad[s:e] = gx
+                sq_gap = gap.mul_(gap)
+                if total == n:
+                    loss_sum += 0.25 * sq_gap.sum().to(f64)
+                    signs = sq_gap.sign_()  # 1 on the active negative pairs
+                    active += 0.5 * signs.sum().to(f64)
+                else:
+                    loss_sum += 0.25 * sq_gap[:, :n].sum().to(f64) + 0.5 * sq_gap[:, n:].sum().to(f64)
+                    signs = sq_gap.sign_()
+                    active += 0.5 * signs[:, :n].sum().to(f64) + signs[:, n:].sum().to(f64)
 
-        dist = sq.clamp_min(1e-12).sqrt()
-        gap = (self.params["margin"] - dist).clamp_min(0.0)
-        per_pair = torch.where(pos, 0.5 * sq, torch.where(neg, 0.5 * gap.square(), 0.0))
         n_pairs = n * (n - 1) // 2 + n * (total - n)  # every shard's pairs: known from the shapes
-        loss = per_pair.sum()
-        if self.params["reduction"] == "mean" and n_pairs > 0:
-            loss = loss / n_pairs
-        counts = torch.stack([pos.sum(), neg.sum(), (neg & (gap > 0)).sum()])
-        counts = ctx.global_sum(counts)  # every shard returns the global counts
+        scale = 1.0 / n_pairs if self.params["reduction"] == "mean" and n_pairs > 0 else 1.0
+        # every shard returns the global counts (a batch pair is counted half from each of its rows)
+        active, pos_count = (round(v) for v in ctx.global_sum(torch.stack([active, pos_count])).tolist())
+        if need_grad and grad is None:
+            grad = torch.zeros(n, d, dtype=dt, device=dev)
+        loss = with_gradient(x, loss_sum * scale, None if grad is None else grad.mul_(scale))
         return LossOutput(
             loss=loss,
-            per_item=per_pair.detach()[used] if ctx.want_per_item else None,
-            stats={"positive_pairs": float(counts[0]), "negative_pairs": float(counts[1]),
-                   "active_negative_pairs": float(counts[2])},
+            per_item=(torch.cat(per_item) if per_item else x.new_zeros(0).detach()).to(x.dtype)
+            if ctx.want_per_item else None,
+            stats={"positive_pairs": pos_count, "negative_pairs": float(n_pairs - pos_count),
+                   "active_negative_pairs": float(active)},
         )
+
+    @staticmethod
+    def _pair_values(sq: torch.Tensor, same: tuple[torch.Tensor, torch.Tensor], margin: float,
+                     s: int) -> torch.Tensor:
+        """Per-pair losses of rows ``s..`` for the pairs with ``j > i`` (row-major), from the block's distances;
+        ``same`` lists the same-label entries."""
+        b, total = sq.shape
+        mask = torch.zeros(b, total, dtype=torch.bool, device=sq.device)
+        mask[same] = True
+        same = mask
+        gap = (margin - sq.clamp_min(CLAMP_SQ).sqrt()).clamp_min_(0.0)
+        v = torch.where(same, 0.5 * sq, 0.5 * gap * gap)
+        col = torch.arange(total, device=sq.device)
+        row = torch.arange(s, s + b, device=sq.device)
+        return v[col[None, :] > row[:, None]]

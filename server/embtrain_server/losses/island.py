@@ -11,10 +11,15 @@ Two modes:
   ``initial["initial_centers"]``). ``forward`` uses them as they are; ``update`` then moves them with the
   paper's α-rule (``center_update="paper"``), one plain SGD step on ``∂loss/∂C`` (``"sgd"``), or not at all
   (``"none"``). The loss and gradient of a call always use the centres before its update.
+
+The loss and its gradients with respect to the embeddings and the centres are computed in closed form
+(``island_closed_form``: one K x K matmul, no autograd graph) and handed to autograd with
+``distances.with_gradients``; ``island_terms`` is the same formula through autograd (used by the SGD centre update).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -23,9 +28,16 @@ from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, ComputeContext, InputSpec, Loss, LossOutput, register
 from ._mining import check_labels
+from .distances import with_gradients
 
 # Centres with a norm below this have cos := 0 with everything (constant, no gradient) instead of 0/0.
 _MIN_NORM = 1e-8
+
+
+def _outside(y: torch.Tensor, k: int | None) -> tuple[bool, bool]:
+    """Whether the smallest label is below 0 and whether the largest is at least ``k``."""
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    return lo < 0, hi >= k  # type: ignore[operator]
 
 
 def _unit_centers(centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,6 +66,41 @@ def island_terms(x: torch.Tensor, y: torch.Tensor, centers: torch.Tensor,
         island = 2.0 * island
     loss = params["loss_weight"] * (center_loss + params["lambda1"] * island)
     return loss, center_loss, island
+
+
+def island_closed_form(x: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, params: Mapping[str, object],
+                       need_grad: bool) -> tuple[torch.Tensor, float, float, torch.Tensor | None,
+                                                  torch.Tensor | None]:
+    """``(loss, L_C, L_I, ∂loss/∂x, ∂loss/∂C)`` of §D.3 without autograd (the gradients None unless
+    ``need_grad``); the same numbers as ``island_terms`` and its autograd gradient.
+
+    ``∂L_C/∂x_i = (x_i − c_{y_i})·s`` (s = 1/n for "mean") and ``∂L_C/∂c_j = −s·Σ_{y_i=j}(x_i − c_j)``;
+    ``∂L_I/∂c_j = m·Σ_{k≠j}(u_k − cos_jk u_j)/|c_j|`` over the centres with a norm >= 1e-8 (m = 2 for ordered
+    pairs), which needs only the sum of the unit centres and the row sums of the cosine matrix: one K x K matmul.
+    """
+    n, k = x.shape[0], centers.shape[0]
+    xd, cd = x.detach(), centers.detach()
+    diff = xd - cd.index_select(0, y)
+    scale = 1.0 / n if params["center_reduction"] == "mean" and n else 1.0
+    center_loss = 0.5 * float(torch.linalg.vector_norm(diff)) ** 2 * scale
+    norm = torch.linalg.vector_norm(cd, dim=1)
+    inv = torch.where(norm >= _MIN_NORM, norm, torch.inf).reciprocal_()  # a zero-norm centre: 0, so cos := 0
+    unit = cd * inv[:, None]
+    cos = unit @ unit.T
+    row = cos.sum(1).sub_(cos.diagonal())  # Σ_{k≠j} cos_jk
+    mult = 2.0 if params["pairs"] == "ordered" else 1.0
+    island = mult * (0.5 * float(row.sum()) + k * (k - 1) / 2)
+    w, lam = float(params["loss_weight"]), float(params["lambda1"])  # type: ignore[arg-type]
+    loss = torch.tensor(w * (center_loss + lam * island), dtype=torch.float64, device=x.device)
+    if not need_grad:
+        return loss, center_loss, island, None, None
+    gx = diff * (w * scale)
+    gc = torch.zeros_like(cd).index_add_(0, y, diff, alpha=-w * scale)
+    if k > 1 and lam:
+        # (Σ_{k≠j} u_k − row_j·u_j)/|c_j|
+        g_island = torch.addcmul(unit.sum(0)[None, :] - unit, row[:, None], unit, value=-1.0)
+        gc.addcmul_(g_island, inv[:, None], value=w * lam * mult)
+    return loss, center_loss, island, gx, gc
 
 
 def paper_center_delta(x: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, lambda1: float) -> torch.Tensor:
@@ -142,7 +189,7 @@ class IslandLoss(Loss):
             if self.params["num_classes"] is not None and c.shape[0] != self.params["num_classes"]:
                 raise invalid("inputs.centers", f"{c.shape[0]} rows, expected params.num_classes = "
                               f"{self.params['num_classes']}")
-            if not bool(torch.isfinite(c).all()):
+            if c.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(c.detach())):  # NaN propagates
                 raise invalid("inputs.centers", "every entry must be finite")
         elif self._centers is None:
             raise invalid("inputs.centers", "required: this loss holds no session centres (stateless call)")
@@ -151,7 +198,7 @@ class IslandLoss(Loss):
                           "centres' width)")
         k = self._num_classes(inputs)
         y = inputs["labels"]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # type: ignore[operator]
+        if y.numel() and any(_outside(y, k)):
             bad = y[(y < 0) | (y >= k)][0].item()  # type: ignore[operator]
             raise invalid("inputs.labels", f"label {bad} outside [0, {k}) (K = number of centres)")
 
@@ -163,15 +210,15 @@ class IslandLoss(Loss):
             assert self._centers is not None, "check_inputs guarantees centres"
             # A Parameter (center_update="sgd") keeps its grad path through the dtype cast.
             centers = self._centers.to(dtype=x.dtype)
-        loss, center_loss, island = island_terms(x, y, centers, self.params)
+        need_grad = torch.is_grad_enabled() and (x.requires_grad or centers.requires_grad)
+        value, center_loss, island, gx, gc = island_closed_form(x, y, centers, self.params, need_grad)
         per_item = None
         if ctx.want_per_item:
             per_item = 0.5 * (x.detach() - centers.detach()[y]).square().sum(1)
         return LossOutput(
-            loss=loss,
+            loss=with_gradients(value, [(x, gx), (centers, gc)]),
             per_item=per_item,
-            stats={"center_loss": float(center_loss.detach()), "island_term": float(island.detach()),
-                   "num_classes": float(centers.shape[0])},
+            stats={"center_loss": center_loss, "island_term": island, "num_classes": float(centers.shape[0])},
         )
 
     # ---- session state ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Multi-similarity loss (Wang et al., CVPR 2019; LOSSES.md §E.2) with its pair mining, vectorised with masks.
+"""Multi-similarity loss (Wang et al., CVPR 2019; LOSSES.md §E.2) with its pair mining.
 
 Cosine similarities ``S = x̂ x̂ᵀ`` of L2-normalised rows; for each anchor the hard positives ``P'`` (less similar
 than the most similar negative plus epsilon) and hard negatives ``N'`` (more similar than the least similar
@@ -8,6 +8,16 @@ as in the official code (which also drops duplicate genuine positives). Anchors 
 
 With cross-batch memory (``ctx.memory``) the anchors are the batch rows and the positives/negatives come from
 the batch rows followed by the memory rows (no gradient through memory).
+
+How it is computed (closed form, no autograd graph; ``distances.with_gradient`` hands the gradient to autograd),
+over blocks of anchor rows against every candidate, in the input's dtype (similarities of unit vectors do not
+cancel): one matmul gives the block of ``S``; the positives (few per row) are gathered by index
+(``_mining.LabelIndex``) and set to ``-inf`` in the block, so that the row maximum is the hardest negative; the
+hard-negative test ``S + ε > min_P S`` is the sign of ``(S + ε) − min_P S`` (exact: a float difference is 0 only
+for equal numbers); each ``log(1 + Σ e^z)`` is shifted by its largest exponent, which is the hardest negative's
+(positive's) whenever ``N'`` (``P'``) is not empty, so no exponential exceeds 1. The gradient with respect to
+``S`` (the softmax weights, signed) then gives ``∂/∂x̂`` as two matmuls per block (anchor and candidate side),
+and the normalisation's Jacobian ``(g − (g·x̂)x̂)/max(|x|, 1e-12)`` gives ``∂/∂x``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,13 @@ import torch.nn.functional as F
 
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
-from ._mining import check_labels
+from ._mining import LabelIndex, check_labels, row_blocks
+from .distances import with_gradient, work_dtype
+
+# F.normalize's eps: x̂ = x / max(|x|, 1e-12).
+_NORM_EPS = 1e-12
+# Elements of one [rows, n + m] working block (two buffers of this size): cache-sized on the CPU.
+BLOCK_ELEMS = {"cpu": 2**18, "cuda": 2**24}
 
 
 @register
@@ -50,51 +66,91 @@ class MultiSimilarityLoss(Loss):
         check_labels(inputs, inputs["embeddings"].shape[0])
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
-        x = inputs["embeddings"]
-        n = x.shape[0]
-        sim, keep_pos, keep_neg, anchor_ok = self._mine(inputs, ctx)
+        x, y = inputs["embeddings"], inputs["labels"]
+        n, d = x.shape
+        dev = x.device
+        xw = x.detach().to(work_dtype(x.dtype))
+        dt = xw.dtype
+        y = y.to(device=dev, dtype=torch.int64)
+        norm = torch.linalg.vector_norm(xw, dim=1)
+        xn = xw / norm.clamp_min(_NORM_EPS)[:, None]  # F.normalize(x, eps=1e-12)
+        cand, cand_y = xn, y
+        if ctx.memory is not None and ctx.memory.embeddings.shape[0] > 0:
+            mem = F.normalize(ctx.memory.embeddings.detach().to(device=dev, dtype=dt), dim=1, eps=_NORM_EPS)
+            cand = torch.cat([xn, mem])
+            cand_y = torch.cat([y, ctx.memory.labels.to(device=dev, dtype=torch.int64)])
+        total = cand.shape[0]
+        lo, hi = ctx.anchor_rows(n)
         p = self.params
-        alpha, beta, base = p["alpha"], p["beta"], p["base"]
-        ninf = torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device)
-        zero_col = sim.new_zeros(sim.shape[0], 1)
-        # log(1 + Σ e^z) as a logsumexp over {0} ∪ z: stable for beta = 50; excluded entries are -inf (no grad).
-        pos_term = torch.logsumexp(torch.cat([zero_col, torch.where(keep_pos, -alpha * (sim - base), ninf)], 1), 1)
-        neg_term = torch.logsumexp(torch.cat([zero_col, torch.where(keep_neg, beta * (sim - base), ninf)], 1), 1)
-        per_anchor = torch.where(anchor_ok, pos_term / alpha + neg_term / beta, 0.0)
-        counts = ctx.global_sum(torch.stack([keep_pos.sum(), keep_neg.sum(), anchor_ok.sum()]))
+        alpha, beta, base, eps = float(p["alpha"]), float(p["beta"]), float(p["base"]), float(p["epsilon"])
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        f64 = torch.float64
+
+        g_hat = torch.zeros(n, d, dtype=dt, device=dev) if need_grad else None  # ∂loss/∂x̂ of the batch rows
+        loss_sum = torch.zeros((), dtype=f64, device=dev)
+        counts = torch.zeros(3, dtype=f64, device=dev)  # kept positive pairs, kept negative pairs, anchors
+        per_anchor: list[torch.Tensor] = []
+        if hi > lo:
+            rows_cap = max(1, min(hi - lo, BLOCK_ELEMS.get(dev.type, 2**22) // max(total, 1)))
+            labels = LabelIndex(cand_y)
+            s_buf = torch.empty(rows_cap, total, dtype=dt, device=dev)
+            h_buf = torch.empty(rows_cap, total, dtype=dt, device=dev)
+            for s, e in row_blocks(hi, total, dev, lo, rows=rows_cap):
+                b = e - s
+                sim = torch.mm(xn[s:e], cand.T, out=s_buf[:b])
+                si, sj = labels.pairs(y[s:e])  # same label, the anchor itself included
+                not_self = sj != si + s
+                pi, pj = si[not_self], sj[not_self]
+                sp = sim[pi, pj]
+                sim[si, sj] = -torch.inf  # the row maximum is now the most similar negative
+                max_neg = sim.amax(1)
+                min_pos = torch.full((b,), torch.inf, dtype=dt, device=dev).scatter_reduce_(0, pi, sp, "amin")
+                # hard negatives: S + ε > min_P S  <=>  (S + ε) − min_P S > 0; positives and self are −inf here
+                hard = torch.add(sim, eps, out=h_buf[:b]).sub_(min_pos[:, None]).sign_().clamp_min_(0.0)
+                n_hard_neg = hard.sum(1)
+                hard_pos = (sp - eps) < max_neg[pi]
+                n_hard_pos = torch.zeros(b, dtype=dt, device=dev).index_add_(0, pi, hard_pos.to(dt))
+                ok = (n_hard_pos > 0) & (n_hard_neg > 0)
+                # log(1 + Σ_N' e^{β(S−λ)}) = m_n + log(e^{−m_n} + Σ_N' e^{β(S−λ) − m_n}), m_n = max(0, β(max_N S − λ))
+                m_neg = (beta * (max_neg - base)).clamp_min_(0.0)
+                ez = torch.mul(sim, beta, out=sim).add_((-beta * base - m_neg)[:, None]).exp_().mul_(hard)
+                sum_neg = ez.sum(1)
+                m_pos = (-alpha * (min_pos - base)).clamp_min_(0.0)
+                ep = torch.exp(-alpha * (sp - base) - m_pos[pi]) * hard_pos
+                sum_pos = torch.zeros(b, dtype=dt, device=dev).index_add_(0, pi, ep)
+                den_neg = torch.exp(-m_neg) + sum_neg
+                den_pos = torch.exp(-m_pos) + sum_pos
+                ell = (m_pos + torch.log(den_pos)) / alpha + (m_neg + torch.log(den_neg)) / beta
+                ell = torch.where(ok, ell, 0.0)
+                loss_sum += ell.sum(dtype=f64)
+                okf = ok.to(dt)
+                counts += torch.stack([(n_hard_pos * okf).sum(), (n_hard_neg * okf).sum(), okf.sum()]).to(f64)
+                if ctx.want_per_item:
+                    per_anchor.append(ell)
+                if g_hat is not None:
+                    # ∂ℓ_i/∂S_ik = e^{z_ik}/den (negatives), −e^{z_ij}/den (positives); 1/n for the mean
+                    # (an anchor without pairs can have den = 0 when e^{−m} underflows: its weight is 0, not 0/0)
+                    f_neg = torch.where(ok, 1.0 / (den_neg * n), 0.0)
+                    f_pos = torch.where(ok, 1.0 / (den_pos * n), 0.0)
+                    w = ez.mul_(f_neg[:, None])
+                    w[pi, pj] = -ep * f_pos[pi]
+                    if b == total:  # the whole batch in one block, no memory: one matmul
+                        g_hat += (w + w.T) @ xn
+                    else:
+                        g_hat[s:e] += w @ cand
+                        g_hat += w[:, :n].T @ xn[s:e]
+        grad = None
+        if g_hat is not None:
+            # through x̂ = x / max(|x|, 1e-12): (g − (g·x̂)x̂)/|x| above the clamp, g/1e-12 below it
+            big = norm >= _NORM_EPS
+            radial = (g_hat * xn).sum(1, keepdim=True) * xn
+            grad = torch.where(big[:, None], (g_hat - radial) / norm.clamp_min(_NORM_EPS)[:, None],
+                               g_hat / _NORM_EPS)
+        counts = ctx.global_sum(counts)
         return LossOutput(
-            loss=per_anchor.sum() / n,  # 1/n over every anchor of every shard
-            per_item=per_anchor.detach() if ctx.want_per_item else None,
+            loss=with_gradient(x, loss_sum / n, grad),  # 1/n over every anchor of every shard
+            per_item=(torch.cat(per_anchor) if per_anchor else xw.new_zeros(0)).to(x.dtype)
+            if ctx.want_per_item else None,
             stats={"kept_positive_pairs": float(counts[0]), "kept_negative_pairs": float(counts[1]),
                    "anchors_with_pairs": float(counts[2])},
         )
-
-    def _mine(self, inputs: dict[str, torch.Tensor],
-              ctx: ComputeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Similarities [rows, n+m] (with grad) of the anchor rows (all n, or the shard's) and the kept-positive /
-        kept-negative masks, restricted to the anchors whose P, N, P' and N' are all non-empty (also returned,
-        [rows])."""
-        x, y = inputs["embeddings"], inputs["labels"]
-        n = x.shape[0]
-        lo, hi = ctx.anchor_rows(n)
-        xn = F.normalize(x, dim=1, eps=1e-12)  # x / max(||x||, 1e-12)
-        cand, cand_y = xn, y
-        if ctx.memory is not None and ctx.memory.embeddings.shape[0] > 0:
-            mem = F.normalize(ctx.memory.embeddings.detach().to(device=x.device, dtype=x.dtype), dim=1, eps=1e-12)
-            cand = torch.cat([xn, mem])
-            cand_y = torch.cat([y, ctx.memory.labels.to(device=y.device, dtype=y.dtype)])
-        # Shard mode: the shard's anchor rows against every candidate.
-        xa, ya = (xn, y) if ctx.shard is None else (xn[lo:hi], y[lo:hi])
-        sim = xa @ cand.T
-        s = sim.detach()
-        idx = torch.arange(cand.shape[0], device=x.device)
-        not_self = idx[None, :] != torch.arange(lo, hi, device=x.device)[:, None]
-        same = ya[:, None] == cand_y[None, :]
-        pos, neg = same & not_self, ~same
-        inf = torch.tensor(float("inf"), dtype=s.dtype, device=s.device)
-        min_pos = torch.where(pos, s, inf).amin(1, keepdim=True)
-        max_neg = torch.where(neg, s, -inf).amax(1, keepdim=True)
-        hard_neg = neg & (s + self.params["epsilon"] > min_pos)
-        hard_pos = pos & (s - self.params["epsilon"] < max_neg)
-        anchor_ok = hard_pos.any(1) & hard_neg.any(1)  # non-empty P' implies P (and N) non-empty
-        return sim, hard_pos & anchor_ok[:, None], hard_neg & anchor_ok[:, None], anchor_ok

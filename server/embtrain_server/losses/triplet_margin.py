@@ -123,7 +123,7 @@ class TripletMargin(Loss):
         k = a.numel()
         if k == 0:
             return empty_output(emb, ctx, per_item=want_list)
-        ev = evaluate_triplets(dist, c, a, p, neg, margin=margin, swap=swap)
+        ev = evaluate_triplets(dist, c, a, p, neg, margin=margin, swap=swap, unique_anchors=miner == "batch_hard")
         scale = 1.0 / k if reduction == "mean" else 1.0
         active = ev.values > 0
         triplets, total = finalize_triplets(torch.stack([a, p, neg], 1)[active], ctx.max_triplets)
