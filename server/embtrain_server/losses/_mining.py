@@ -364,8 +364,8 @@ def evaluate_triplets(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, n
     r = c.r
     k = a.numel()
     d = r.shape[1]
-    closed = dist.pairs_grad(r[:1], r[:1]) is not None
-    if closed and not swap and k and dist.prepare(r[:1]) is not None:
+    closed = dist.closed_form
+    if closed and not swap and k and dist.gram:
         rows = torch.unique(a)
         if k * d > ROWS_PATH_RATIO * rows.numel() * r.shape[0]:
             return _evaluate_by_rows(dist, c, a, p, neg, rows, margin, soft)

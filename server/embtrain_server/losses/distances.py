@@ -303,6 +303,9 @@ class PairDistance(ABC):
     """A distance ``d(x_i, r_j)``, always evaluated query (anchor) first."""
 
     name: str
+    # ``pairs_grad`` has a closed form; ``prepare`` returns candidate rows (Gram-form matrix and matmul backward).
+    closed_form: bool = False
+    gram: bool = False
 
     def prepare(self, r: Tensor) -> CandidateRows | None:
         """What ``matrix`` can reuse for every query block against the candidates ``r`` (None: nothing)."""
@@ -336,6 +339,7 @@ class ClampedEuclidean(PairDistance):
     """LOSSES.md B.1: ``D = sqrt(max(||x - r||², 1e-12))``; zero gradient below the clamp (duplicates)."""
 
     name = "clamped_euclidean"
+    closed_form = gram = True
 
     def prepare(self, r: Tensor) -> CandidateRows | None:
         return CandidateRows(r.detach())
@@ -374,6 +378,7 @@ class TorchPairwiseDistance(PairDistance):
     def __init__(self, p: float = 2.0, eps: float = 1e-6) -> None:
         self.p = float(p)
         self.eps = float(eps)
+        self.closed_form = self.gram = self.p == 2.0
 
     def prepare(self, r: Tensor) -> CandidateRows | None:
         # ||x - r + eps|| = ||x - (r - eps)||: a plain distance to shifted candidates
@@ -445,6 +450,7 @@ class SquaredEuclidean(PairDistance):
     """``||u - v||²`` (TF-Addons' "L_2"); smooth everywhere."""
 
     name = "squared_euclidean"
+    closed_form = gram = True
 
     def prepare(self, r: Tensor) -> CandidateRows | None:
         return CandidateRows(r.detach())
