@@ -55,7 +55,7 @@ from .. import cancellation
 from ..errors import invalid
 from ..params import Param, Schema
 from .base import EMBEDDINGS, ComputeContext, InputSpec, Loss, LossOutput, register
-from .distances import sq_dists_exact, sq_dists_with_grad
+from .distances import sq_dists_exact, with_gradient
 
 # Elements of one block (float64) of the enumeration (rows x n): bounds the transient memory.
 _BLOCK_ELEMENTS = 1 << 22
@@ -66,6 +66,9 @@ _BLOCK_ELEMENTS = 1 << 22
 _COUNT_EVENTS = 1 << 14
 # ... on an accelerator, where each operation's launch costs more than its work at that size.
 _COUNT_EVENTS_ACCELERATOR = 1 << 21
+# Pairs (anchors x n x n) of a block small enough to decide directly, all at once: below it the counting
+# structure's fixed cost (a few hundred small operations) is larger than the O(n²) pairs themselves.
+_DENSE_ELEMENTS = 1 << 18
 # Half-width of the window around A_r whose pairs are re-evaluated directly, relative to max sq + 2·margin.
 _TOL = 2.0 ** -48
 
@@ -172,7 +175,14 @@ class WeightedMarginRankingLoss(Loss):
             sl = slice(a0, a0 + block)
             setup = _AnchorSetup(g_all[sl], valid_all[sl], p)
             sq_a = sq64[sl]
-            ar, ac, row_pairs = setup.count(sq_a, p)
+            dense = None
+            if sq_a.numel() * n <= _DENSE_ELEMENTS:
+                # Small: every pair of the block at once, with the direct expression (no counting structure).
+                dense = setup.all_pairs(sq_a, p)
+                act = dense[0] & (dense[1] > 0)
+                ar, ac, row_pairs = act.sum(2), act.sum(1), dense[0].sum(2)
+            else:
+                ar, ac, row_pairs = setup.count(sq_a, p)
             pairs_a = row_pairs.sum(1)
             n_pairs[sl] = pairs_a
             base = torch.where(pairs_a > 0, 1.0 / pairs_a.clamp_min(1).to(torch.float64), 0.0) \
@@ -184,6 +194,15 @@ class WeightedMarginRankingLoss(Loss):
             # Σ w_rc over the active pairs = m·(n_active + Σ_c act_c·gn_c − Σ_r act_r·gn_r) (weighted).
             w_sum = m * (active_a + ((ac - ar) * setup.gn).sum(1)) if p["weighted"] else m * active_a
             const += (base * w_sum).sum()
+            if dense is not None:
+                pairs, ell = dense
+                if ctx.want_per_item:
+                    per_item.append(ell.clamp_min(0)[pairs])
+                if n_kept < cap:
+                    t = act.nonzero()[: cap - n_kept]  # (anchor in the block, r, c), lexicographic
+                    kept.append(torch.stack([anchors[sl][t[:, 0]], t[:, 1], t[:, 2]], 1))
+                    n_kept += t.shape[0]
+                continue
             if ctx.want_per_item:
                 rows = row_pairs.flatten().nonzero().squeeze(1)  # every row with a pair
             elif n_kept < cap:
@@ -208,14 +227,21 @@ class WeightedMarginRankingLoss(Loss):
 
         n_anchors = int((n_pairs > 0).sum())
         scale = 1.0 / max(n_anchors, 1)
-        sq = sq_dists_with_grad(x[anchors], x, exact=sq64)
-        # On the active set the loss is Σ coef·sq + Σ base·w: the same value as the hinge sum, and autograd
-        # through sq gives §A.3's gradient.
-        loss = (coef.to(x.dtype) * sq).sum() * scale + (const * scale).to(x.dtype)
+        # On the active set the loss is Σ coef·sq + Σ base·w: the same value as the hinge sum. Its gradient (§A.3)
+        # in closed form, d sq_aj = 2(x_a − x_j)·(dx_a − dx_j), in float64 like the distances (the terms cancel like
+        # the Gram form does), handed to autograd by ``with_gradient``.
+        loss = (coef * sq64).sum() * scale + const * scale
+        x64, coef = x.detach().to(torch.float64), coef * (2.0 * scale)
+        if gt.dim() == 1:  # one anchor, row 0
+            grad = coef[0, :, None] * (x64 - x64[0])
+            grad[0] = -grad.sum(0)  # d/dx_0 = −Σ_j d/dx_j (the j = 0 term is 0)
+        else:  # every row an anchor: d/dx_i = 2Σ_j (coef_ij + coef_ji)(x_i − x_j)
+            both = coef + coef.T
+            grad = both.sum(1)[:, None] * x64 - both @ x64
         triplets = torch.cat(kept) if kept else torch.zeros((0, 3), dtype=torch.long, device=dev)
         n_active = int(n_active)
         return LossOutput(
-            loss=loss,
+            loss=with_gradient(x, loss, grad),
             triplets=triplets,
             triplets_total=n_active,
             per_item=torch.cat([x.new_zeros(0, dtype=torch.float64), *per_item]).to(x.dtype) if ctx.want_per_item
@@ -277,6 +303,18 @@ class _AnchorSetup:
         if p["weighted"]:
             gn = self.gn[bi]
             ell += p["margin"] * (1.0 + gn - gn.gather(1, ri[:, None]))
+        else:
+            ell += p["margin"]
+        return pairs, ell
+
+    def all_pairs(self, sq: torch.Tensor, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` for every (anchor, r) of the block at once: the used pairs and the direct hinge argument,
+        [B, n, n] (the same expression, so the same decisions and values)."""
+        key = self.key
+        pairs = self.first[:, :, None] & self.valid[:, None, :] & (key[:, None, :] > key[:, :, None])
+        ell = sq[:, :, None] - sq[:, None, :]
+        if p["weighted"]:
+            ell += p["margin"] * ((1.0 + self.gn[:, None, :]) - self.gn[:, :, None])
         else:
             ell += p["margin"]
         return pairs, ell
