@@ -631,7 +631,8 @@ def test_requests_that_may_carry_large_parameters_are_parsed_on_a_worker(make_se
         return parse(self)
 
     monkeypatch.setattr(servicer_mod.Unparsed, "parse", recording)
-    h: ServerHandle = make_server()
+    # (Small stateless batches may run on the event loop altogether: inline_compute_seconds; off here.)
+    h: ServerHandle = make_server(inline_compute_seconds=0)
     with h.client() as c:
         params = {"margin": 0.3, **{f"unused_{i}": i for i in range(3)}}
         with pytest.raises(embtrain.InvalidArgument, match="unused_0"):
@@ -641,6 +642,51 @@ def test_requests_that_may_carry_large_parameters_are_parsed_on_a_worker(make_se
         results = list(c.compute_stream([batch()], loss="batch_hard_triplet"))
         assert results[0].ok
     assert len(threads) == 4 and all(name.startswith("embtrain-worker") for name in threads), threads
+
+
+def test_small_stateless_batches_run_on_the_event_loop_and_large_specs_never_do(make_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With the default inline_compute_seconds a small stateless batch arriving at idle workers is parsed, checked
+    and computed on the event loop (no thread hand-over), with the same answer as on a worker; a request larger
+    than inline_max_bytes (a loss spec may be an arbitrarily large Struct) is still parsed on a worker, and so is a
+    batch whose estimated compute time is over the limit."""
+    from embtrain_server import batches as batches_mod
+    from embtrain_server import servicer as servicer_mod
+
+    parsed: list[str] = []
+    ran: list[str] = []
+    parse, run = servicer_mod.Unparsed.parse, batches_mod.Batches.run_stateless
+
+    def recording_parse(self):  # type: ignore[no-untyped-def]
+        parsed.append(threading.current_thread().name)
+        return parse(self)
+
+    def recording_run(self, prepared):  # type: ignore[no-untyped-def]
+        ran.append(threading.current_thread().name)
+        return run(self, prepared)
+
+    monkeypatch.setattr(servicer_mod.Unparsed, "parse", recording_parse)
+    monkeypatch.setattr(batches_mod.Batches, "run_stateless", recording_run)
+    x, y = batch()
+    h: ServerHandle = make_server()
+    off: ServerHandle = make_server(inline_compute_seconds=0)
+    with h.client() as c, off.client() as c_off:
+        small = c.compute(x, y, loss="batch_hard_triplet", params={"margin": 0.3})
+        assert parsed == [h.thread.name] and ran == [h.thread.name], (parsed, ran)  # the server's event loop
+        reference = c_off.compute(x, y, loss="batch_hard_triplet", params={"margin": 0.3})
+        assert ran[-1].startswith("embtrain-worker")
+        assert small.loss == reference.loss
+        np.testing.assert_array_equal(small.gradients["embeddings"], reference.gradients["embeddings"])
+        np.testing.assert_array_equal(small.triplets, reference.triplets)
+        del parsed[:], ran[:]
+        big = {"margin": 0.3, "note": "x" * (300 * 1024)}  # over inline_max_bytes: parsed on a worker
+        with pytest.raises(embtrain.InvalidArgument, match="note"):
+            c.compute(x, y, loss="batch_hard_triplet", params=big)
+        assert parsed and parsed[0].startswith("embtrain-worker"), parsed
+        del parsed[:], ran[:]
+        xl = np.random.default_rng(0).standard_normal((1024, 128)).astype(np.float32)
+        yl = np.arange(1024) // 8
+        assert np.isfinite(c.compute(xl, yl, loss="batch_hard_triplet").loss)  # estimated over 50 ms: a worker
+        assert ran and ran[0].startswith("embtrain-worker"), ran
 
 
 def test_torch_losses_are_estimated_from_their_own_inputs(make_server) -> None:  # type: ignore[no-untyped-def]

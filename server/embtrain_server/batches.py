@@ -254,6 +254,12 @@ class Batches:
         loss.check_inputs(inputs)
         return StatelessBatch(request_id, options, loss, inputs)
 
+    def runs_inline(self, prepared: StatelessBatch) -> bool:
+        """Whether a checked stateless batch is small enough to compute on the event loop (no thread hand-over):
+        its estimated compute time is at most ``inline_compute_seconds``."""
+        limit = self.config.inline_compute_seconds
+        return limit > 0 and validation.estimated_seconds(prepared.loss, prepared.inputs, self.limits) <= limit
+
     def run_stateless(self, prepared: StatelessBatch) -> bytes:
         """A checked stateless batch (``stateless_batch``) computed and encoded."""
         request_id, options, loss, inputs = prepared.request_id, prepared.options, prepared.loss, prepared.inputs

@@ -62,6 +62,12 @@ class ServerConfig:
     # arithmetic by compute_rate (operations per second; 0: 2e9 on a CPU, 2e12 on a GPU).
     max_compute_seconds: float = 300.0
     compute_rate: float = 0.0
+    # A stateless Compute of at most inline_max_bytes, arriving while the workers are idle, whose estimated compute
+    # time is at most inline_compute_seconds, is parsed and runs on the event loop: no hand-over to a worker and
+    # back (two thread hops, a large share of a small batch's round trip). Larger requests (whose loss spec may be
+    # an arbitrarily large Struct) are parsed on a worker. 0: never.
+    inline_compute_seconds: float = 0.05
+    inline_max_bytes: int = 256 * 1024
     max_sessions_per_principal: int = 64
     max_concurrent_streams: int = 256
     max_inflight_per_stream: int = 8
@@ -97,6 +103,8 @@ class ServerConfig:
             problems.append(f"torch_threads: expected >= 0 (0: torch's default), got {self.torch_threads}")
         if self.max_compute_seconds < 0 or self.compute_rate < 0:
             problems.append("max_compute_seconds and compute_rate: expected >= 0 (0: no limit / by device)")
+        if self.inline_compute_seconds < 0 or self.inline_max_bytes < 0:
+            problems.append("inline_compute_seconds and inline_max_bytes: expected >= 0 (0: never inline)")
         if self.workers < 0:
             problems.append(f"workers: expected >= 0 (0: by device), got {self.workers}")
         for name in ("max_batch_elements", "default_max_triplets", "max_triplets_limit",

@@ -1,5 +1,6 @@
 """Ordering and workers: the batches of one session run one at a time, in arrival order; torch work runs on
-worker threads, never on the event loop.
+worker threads, not on the event loop (except a small stateless batch while the workers are idle: ``idle``,
+``ServerConfig.inline_compute_seconds``).
 
 A session's order is kept on the worker side: when a call of the session finishes, the worker that ran it hands
 the next one to the pool at once, without a round trip through the event loop, so back-to-back batches of a
@@ -116,6 +117,10 @@ class Scheduler:
                     except Exception:  # noqa: BLE001 - the caller is gone; the outcome has nowhere to go
                         break
             raise
+
+    def idle(self) -> bool:
+        """Nothing handed to the workers or waiting in a session's order."""
+        return not self._busy and not self._orders
 
     def busy(self, session_id: str) -> bool:
         """Whether a call of the session is queued or running."""

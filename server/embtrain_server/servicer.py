@@ -32,6 +32,7 @@ from .groups import GroupSteps
 from .identity import current_principal
 from .metrics import Metrics
 from .scheduler import Admission, Scheduler
+from . import cancellation
 from .batches import Batches
 from .service import Service, replicas_of
 from .streams import Draining, StreamPump
@@ -237,6 +238,13 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
         whole-step batches): checked on the worker as the batch would start; if it holds, ``Withdrawn``."""
         if isinstance(req, Unparsed):  # stateless: parsed, decoded and checked, computed and answered off the loop
             run = self.batches.run_stateless
+            if withdrawn is None and self._inline(req):
+                # A small batch while the workers are idle: here, without a hand-over to a worker and back.
+                prepared = self._stateless_batch(req, principal)
+                if self.batches.runs_inline(prepared):
+                    with cancellation.scope(stop):
+                        return run(prepared)
+                return await self.scheduler.run(run, prepared, stop=stop)
             return await self.scheduler.run(run if withdrawn is None else _unless(withdrawn, run), stop=stop,
                                             prepare=functools.partial(self._stateless_batch, req, principal))
         session = self.batches.session_for(req, principal)
@@ -268,6 +276,10 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
             return part
         return await self.groups.submit(session, part, functools.partial(self.batches.check_slices, session),
                                         self.batches.commit_step)
+
+    def _inline(self, req: Unparsed) -> bool:
+        return (self.config.inline_compute_seconds > 0 and len(req.data) <= self.config.inline_max_bytes
+                and self.scheduler.idle())
 
     def _stateless_batch(self, req: Unparsed, principal: str) -> Any:
         return self.batches.stateless_batch(req.parse(), principal)

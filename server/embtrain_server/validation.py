@@ -226,6 +226,15 @@ def require_resources(loss: Loss, inputs: Mapping[str, torch.Tensor], candidates
                   "inputs.embeddings")
 
 
+def estimated_seconds(loss: Loss, inputs: Mapping[str, torch.Tensor], limits: Limits) -> float:
+    """The estimated compute time of a checked stateless batch (``inf`` when there is no estimate)."""
+    emb = inputs.get("embeddings")
+    if emb is None:
+        return math.inf
+    n, d = emb.shape
+    return estimate_operations(loss.work_complexity(inputs), n, d, n) / limits.compute_rate
+
+
 def _require_within(nbytes: int, ops: float, limits: Limits) -> None:
     """A batch without embeddings (a ``torch.*`` loss's own inputs), by the loss's own footprint."""
     if limits.memory_budget and nbytes > limits.memory_budget:
