@@ -478,9 +478,9 @@ TRACE_STAGES = [  # (label, from event, to event); "c0".."c3" are the client's o
     ("gRPC: client send -> server parser", "c1", "deser>"),
     ("server: parser (head walk, event loop)", "deser>", "deser<"),
     ("server: interceptor -> handler", "deser<", "unary>"),
-    ("server: handler -> handed to a worker", "unary>", "work>"),
+    ("server: handler -> handed to a worker (inline: to parse)", "unary>", "work>"),
     ("hop: event loop -> worker thread", "work>", "parse>"),
-    ("server: parse (worker)", "parse>", "parse<"),
+    ("server: parse (worker, or inline on the event loop)", "parse>", "parse<"),
     ("server: target, options, loss", "parse<", "decode>"),
     ("server: decode_inputs (aligned copies)", "decode>", "decode<"),
     ("server: validation (check_compute)", "validate>", "validate<"),
@@ -603,6 +603,9 @@ def bench_trace(loss: str, params: dict[str, Any], device: str, workers: int, sh
             for name, t in records:
                 if c["c1"] <= t <= c["c2"]:
                     ev.setdefault(name, t)
+            if "work>" not in ev and "parse>" in ev and "encode<" in ev:
+                # Computed on the event loop (inline_compute_seconds): no hand-over, both hops are zero.
+                ev["work>"], ev["work<"] = ev["parse>"], ev["encode<"]
             if not all(k in ev for _, a, b in TRACE_STAGES for k in (a, b)):
                 continue  # a stage that did not run (a different path): left out
             for label, a, b in TRACE_STAGES:
