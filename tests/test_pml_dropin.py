@@ -401,7 +401,7 @@ def test_distance_reducer_and_regularizer_objects_equal_pml(client: embtrain.Cli
      "distance"),
     (lambda c: remote.TripletMarginLoss(distance=type("Mine", (pml_distances.LpDistance,), {})(), client=c),
      "distance"),
-    (lambda c: remote.TripletMarginLoss(reducer=pml_reducers.DoNothingReducer(), client=c), "reducer"),
+    (lambda c: remote.DynamicSoftMarginLoss(reducer=pml_reducers.DoNothingReducer(), client=c), "reducer"),
     (lambda c: remote.ContrastiveLoss(reducer=pml_reducers.PerAnchorReducer(aggregation_func=torch.sum), client=c),
      "reducer.aggregation_func"),
     (lambda c: remote.ContrastiveLoss(reducer=pml_reducers.PerAnchorReducer(pml_reducers.DoNothingReducer()),

@@ -70,6 +70,9 @@ def check_validated(loss: Loss, inputs: dict[str, torch.Tensor], limits: Limits,
     if session.spec.head and "ref_emb" in inputs:
         raise invalid("inputs.ref_emb", "not in a session with a head: the head maps the embeddings, not a reference "
                       "set; use a session without a head (or a stateless call)")
+    if session.spec.memory_size and "ref_emb" in inputs:
+        raise invalid("inputs.ref_emb", "not with a cross-batch memory: the memory already extends the candidates; "
+                      "use a session without memory_size (or a stateless call)")
     if session.spec.memory_size and "labels" not in inputs:
         raise invalid("inputs.labels", "required when the session has a cross-batch memory")
     _require_state_budget(session, int(emb.shape[1]), limits.memory_budget)

@@ -113,7 +113,8 @@ INDEX_INPUTS = ["triplets", "indices_a1", "indices_p", "indices_a2", "indices_n"
 def test_declared_inputs_and_state(name: str) -> None:
     cls = get(f"pml.{name}")
     expected = ["embeddings", "labels"] + ([] if name in NO_INDICES else INDEX_INPUTS) + \
-        (["ref_emb", "ref_labels"] if name in WITH_REF else []) + ([WEIGHTS[name]] if name in WEIGHTS else [])
+        (["ref_emb", "ref_labels"] if name in WITH_REF else []) + ([WEIGHTS[name]] if name in WEIGHTS else []) + \
+        ["element_weights"]
     assert [s.name for s in cls.inputs] == expected
     specs = {s.name: s for s in cls.inputs}
     assert specs["labels"].required == (name not in LABELS_OR_INDICES | NO_LABELS)

@@ -85,10 +85,9 @@ def reducer(obj: Any, field: str = "reducer", plain_only: bool = False) -> tuple
         default, default_params = reducer(obj.default_reducer, f"{field}.default_reducer", plain_only=True)
         return name, {"reducers": subs, "default_reducer": default, "default_reducer_params": default_params}
     if name == "DoNothingReducer":
-        raise invalid_argument(field, "DoNothingReducer makes a PML loss return its unreduced loss dictionary "
-                               "(per-element losses and their indices), which a remote loss does not reproduce; use a "
-                               "reducing reducer here, or call client.compute(..., params={'reducer': "
-                               "'DoNothingReducer'}) for the per-element losses (per_item_losses) and their sum")
+        # PML then returns its unreduced loss dictionary: the server sends it whole (per_item_losses, packed), and
+        # the module rebuilds it (embtrain.pml._lossdict).
+        return name, {"per_item": "dict"}
     return name, {}
 
 

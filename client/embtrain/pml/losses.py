@@ -22,6 +22,14 @@ the client around these losses (they need pytorch-metric-learning installed on t
 
 The loss value is PML's, in PML's dtype (the embeddings', and float32 for SmoothAPLoss); gradients come back in
 each input's dtype and device. ``last_result`` keeps the server's last answer.
+
+With ``reducer=DoNothingReducer()`` the forward returns PML's unreduced loss dictionary, ``{sub_loss: {"losses",
+"indices", "reduction_type"}}``, rebuilt from the server's answer (the same keys, indices, reduction types and
+element values; ``embtrain.pml._lossdict``), its element tensors differentiable: reduce or weight them as you like,
+and the backward sends the upstream gradient of every element to the server in a second call (``element_weights``),
+which returns the vector-Jacobian product for the embeddings, ``ref_emb`` and the learnable parameters. That call
+computes the same elements (random triplets of ``triplets_per_anchor`` are sent back; the indices are checked). A
+loss with state across calls (DynamicSoftMarginLoss) refuses DoNothingReducer: the second call would update it twice.
 """
 
 from __future__ import annotations
@@ -40,9 +48,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("embtrain.pml needs PyTorch: pip install 'embtrain[torch]'") from exc
 
+import grpc
+
 from .._client import Client, ComputeResult, Session
-from ..errors import invalid_argument
-from . import _translate
+from ..errors import FailedPrecondition, invalid_argument
+from . import _lossdict, _translate
 from ._defaults import default_client
 
 try:
@@ -147,6 +157,29 @@ class _Apply(torch.autograd.Function):
         return (None, None, *out)
 
 
+class _Elements(torch.autograd.Function):
+    """DoNothingReducer. Forward: the elements of PML's loss dictionary (as the server computed them). Backward:
+    the upstream gradient of every element (zeros where the caller did not use one) goes to the server, which
+    returns the vector-Jacobian product (the gradient of ``sum_e w_e * element_e``) for each input."""
+
+    @staticmethod
+    def forward(ctx: Any, vjp: Any, values: list[torch.Tensor], batch: int,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.vjp = vjp
+        ctx.like = [(t.dtype, t.device) for t in tensors]
+        # The first ``batch`` inputs are what the second call sends (embeddings, ref_emb): modified in place before
+        # the backward, autograd refuses, as it does in-process.
+        ctx.save_for_backward(*tensors[:batch])
+        return tuple(v.clone() for v in values)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Any, ...]:
+        ctx.saved_tensors  # noqa: B018 - the version check of the batch
+        grads = ctx.vjp(grad_outputs)
+        out = [None if g is None else g.to(device, dtype) for g, (dtype, device) in zip(grads, ctx.like)]
+        return (None, None, None, *out)
+
+
 def _close_session(session: Session) -> None:
     try:
         session.close()
@@ -174,6 +207,13 @@ class RemoteMetricLoss(nn.Module):
         # The wire parameters: the arguments given (the server's defaults are PML's), objects translated.
         self.wire_params = _translate.wire_params(given, spec.weight_mixin)
         self.wire_name = f"pml.{self.pml_name}"
+        # DoNothingReducer: the forward returns PML's unreduced loss dictionary (see ``_loss_dict``).
+        self._nothing = self.wire_params.get("reducer") == "DoNothingReducer"
+        if self._nothing and spec.stateful:
+            raise invalid_argument("reducer", f"DoNothingReducer is not served for {self.pml_name}: its state "
+                                   "(a server session) changes with every call, and the backward of your own "
+                                   "reduction of the loss dictionary needs a second call, which would update it "
+                                   "twice and differentiate another loss; use a reducing reducer")
         bound.apply_defaults()
         self._args = {k: v for k, v in bound.arguments.items() if k != "client"}
         self.last_result: ComputeResult | None = None
@@ -234,7 +274,7 @@ class RemoteMetricLoss(nn.Module):
         self._step = 0
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None, indices_tuple: Any = None,
-                ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+                ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None) -> Any:
         inputs: dict[str, Any] = {}
         if labels is not None and not torch.is_tensor(labels):
             labels = torch.as_tensor(labels)
@@ -256,20 +296,72 @@ class RemoteMetricLoss(nn.Module):
         differentiable = {"embeddings": embeddings, **({"ref_emb": inputs["ref_emb"]} if "ref_emb" in inputs else {}),
                           **weights}
         want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable.values())
+        if self._nothing:
+            return self._loss_dict(embeddings, labels, inputs, differentiable, want_grad,
+                                   resample=indices_tuple is None)
         r = self._call(embeddings, labels, inputs, want_grad)
         self.last_result = r
-        if self.pml_name == "P2SGradLoss":
-            # PML renormalises its weight in place in every forward (and moves it to the embeddings' dtype): the
-            # server computed with exactly this, and the optimiser steps from it.
-            with torch.no_grad():
-                w = self.weight
-                w.data = w.data.renorm(2, 1, 1e-5).mul(1e5).to(embeddings.device, embeddings.dtype)
+        self._after_call(embeddings)
         value = torch.tensor(r.loss, dtype=self._spec.loss_dtype or embeddings.dtype, device=embeddings.device)
         if not want_grad:
             return value
         names = [k for k, t in differentiable.items() if t.requires_grad]
         grads = tuple(r.gradients.get(k) for k in names)
         return _Apply.apply(value, grads, *(differentiable[k] for k in names))
+
+    def _after_call(self, embeddings: torch.Tensor) -> None:
+        if self.pml_name == "P2SGradLoss":
+            # PML renormalises its weight in place in every forward (and moves it to the embeddings' dtype): the
+            # server computed with exactly this, and the optimiser steps from it.
+            with torch.no_grad():
+                w = self.weight
+                w.data = w.data.renorm(2, 1, 1e-5).mul(1e5).to(embeddings.device, embeddings.dtype)
+
+    def _loss_dict(self, embeddings: torch.Tensor, labels: Any, inputs: dict[str, Any],
+                   differentiable: dict[str, torch.Tensor], want_grad: bool, resample: bool) -> dict[str, Any]:
+        """DoNothingReducer: PML's unreduced loss dictionary, its element tensors differentiable.
+
+        The first call returns the dictionary (packed in per_item_losses); the backward makes a second call with the
+        same inputs and ``element_weights`` (the upstream gradient of every element), whose gradients are the
+        vector-Jacobian product. The second call must compute the same elements: where the server samples
+        (``triplets_per_anchor`` an integer, no ``indices_tuple``) it is sent the first call's triplets, and its
+        dictionary's indices are checked against the first one's in any case."""
+        # What the second call sends: the weights as this call sends them (P2SGrad renormalises its own after it).
+        sent = {k: (v.detach().clone() if k in self._weight_names else v) for k, v in inputs.items()}
+        r = self._call(embeddings, labels, inputs, False)
+        self.last_result = r
+        self._after_call(embeddings)
+        unpacked = _lossdict.unpack(r.per_item_losses, embeddings.device)
+        values = unpacked.element_tensors()
+        names = [k for k, t in differentiable.items() if t.requires_grad]
+        if not want_grad or not values or not names:
+            return unpacked.value
+        if resample and self._args.get("triplets_per_anchor", "all") != "all":
+            triplets = unpacked.triplets()
+            if triplets is not None:
+                sent["triplets"] = triplets
+        dtype = values[0].dtype
+        for v in values[1:]:
+            dtype = torch.promote_types(dtype, v.dtype)
+        batch = embeddings.detach()
+
+        def vjp(grad_outputs: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+            w = torch.cat([(torch.zeros(v.numel(), dtype=dtype) if g is None else
+                            g.detach().reshape(-1).to("cpu", dtype)) for g, v in zip(grad_outputs, values)])
+            back = self.client.compute(batch, labels, loss=self.wire_name, params=self.wire_params,
+                                       return_gradient=True, return_triplets=False, element_weights=w, **sent)
+            again = _lossdict.unpack(back.per_item_losses)
+            if not torch.equal(again.structure, unpacked.structure):
+                raise FailedPrecondition(grpc.StatusCode.FAILED_PRECONDITION, f"{self.pml_name}: the server "
+                                         "computed other elements (indices) for the backward than for the forward "
+                                         "of this loss dictionary; the gradient would be another loss's")
+            return [back.gradients.get(k) for k in names]
+
+        batch_inputs = sum(k in ("embeddings", "ref_emb") for k in names)  # first in ``names``
+        outs = _Elements.apply(vjp, values, batch_inputs, *(differentiable[k] for k in names))
+        for (holder, key), out in zip(unpacked.elements, outs):
+            holder[key] = out
+        return unpacked.value
 
     def _call(self, embeddings: torch.Tensor, labels: Any, inputs: dict[str, Any], want_grad: bool) -> ComputeResult:
         if not self._spec.stateful:

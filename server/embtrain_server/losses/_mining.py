@@ -2,8 +2,11 @@
 
 Everything here works on *candidates*: anchors are the ``n`` batch rows; positives and negatives come from the
 batch rows followed by the cross-batch memory rows (candidate index ``j >= n`` is memory row ``j - n``).
-Memory rows never receive gradient. In shard mode (``Candidates.rows``) the miners and reducers take the anchors
-of one row range only, against every candidate; counts and sums are then this range's, gradients partial.
+Memory rows never receive gradient. With a reference set (``ref_emb`` / ``ref_labels``, PML's semantics;
+``Candidates.ref``) the candidates are the reference rows only: candidate ``j`` is reference row ``j``, no
+candidate is the anchor itself (nothing is excluded), and the reference rows get their own gradient. In shard mode
+(``Candidates.rows``) the miners and reducers take the anchors of one row range only, against every candidate;
+counts and sums are then this range's, gradients partial.
 
 Memory stays O(block · m): distance rows are computed per block of anchors, and the O(n·K·m) triplet work runs
 on chunks of positive pairs (or on sorted rows, see ``all_triplets``). Gradients are computed here, never through
@@ -14,7 +17,7 @@ row gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +25,7 @@ import torch
 from .. import cancellation
 from ..errors import invalid
 from ..params import Param
-from .base import ComputeContext, LossOutput, Memory
+from .base import ComputeContext, InputSpec, LossOutput, Memory
 from .distances import PairDistance, work_dtype
 
 # The hinge parameters of the batch-hard and batch-all losses (LOSSES.md §B.2, §B.3).
@@ -34,6 +37,13 @@ HINGE_PARAMS = (
 Tensor = torch.Tensor
 
 _INF = float("inf")
+
+# A reference set (PML's ``ref_emb`` / ``ref_labels``): anchors from the batch, every positive and negative from
+# these rows.
+REF_EMB = InputSpec("ref_emb", "float", "[m, d]", False, True,
+                    "reference set (PML's ref_emb): positives and negatives come only from these rows, anchors from "
+                    "the batch; same dtype and width as embeddings; its gradient comes back")
+REF_LABELS = InputSpec("ref_labels", "int", "[m]", False, False, "labels of ref_emb (required with it)")
 
 
 # Elements of one [rows, m] working matrix per device type (several are alive at once), and of one chunk of
@@ -59,22 +69,68 @@ def check_labels(inputs: Mapping[str, Tensor], n: int, why: str = "") -> None:
         raise invalid("inputs.labels", f"length {labels.shape[0]}, expected {n} (one per embedding row)")
 
 
-def check_triplets(triplets: Tensor, n: int) -> None:
-    """``inputs.triplets`` must be ``[k, 3]`` row indices in ``[0, n)``."""
+def check_triplets(triplets: Tensor, n: int, m: int | None = None) -> None:
+    """``inputs.triplets`` must be ``[k, 3]`` row indices in ``[0, n)``; with a reference set of ``m`` rows the
+    positives and negatives (columns 1 and 2) index ``ref_emb``, ``[0, m)``."""
     if triplets.dim() != 2 or triplets.shape[1] != 3:
         raise invalid("inputs.triplets",
                       f"shape {list(triplets.shape)}, expected [k, 3] (anchor, positive, negative row indices)")
     if triplets.numel():
-        bad = (triplets < 0) | (triplets >= n)
+        if m is None:
+            bad = (triplets < 0) | (triplets >= n)
+        else:
+            bound = torch.tensor([n, m, m], dtype=triplets.dtype)
+            bad = (triplets < 0) | (triplets >= bound)
         if bool(bad.any()):
             row, col = (int(v) for v in bad.nonzero()[0])
+            size, rows = (n, "embedding rows") if m is None or col == 0 else (m, "rows of inputs.ref_emb")
             raise invalid("inputs.triplets",
-                          f"index {int(triplets[row, col])} at [{row}, {col}] is outside [0, {n}) (embedding rows)")
+                          f"index {int(triplets[row, col])} at [{row}, {col}] is outside [0, {size}) ({rows})")
+
+
+def check_reference(inputs: Mapping[str, Tensor], labels_needed: bool = True) -> int | None:
+    """``inputs.ref_emb`` / ``inputs.ref_labels``: a float ``[m, d]`` reference set of the embeddings' width and
+    dtype, with one label per row (required when the loss uses labels). Returns ``m`` (None: no reference set).
+
+    A reference set replaces the candidates, so it cannot be combined with the per-row sample ids (the response's
+    ``triplet_ids`` map every candidate index to a batch id)."""
+    ref, ref_labels = inputs.get("ref_emb"), inputs.get("ref_labels")
+    if ref is None:
+        if ref_labels is not None:
+            raise invalid("inputs.ref_labels", "given without inputs.ref_emb (the labels of a reference set come "
+                                               "with it)")
+        return None
+    emb = inputs["embeddings"]
+    d = emb.shape[1]
+    if ref.dim() != 2 or ref.shape[1] != d:
+        raise invalid("inputs.ref_emb", f"shape {list(ref.shape)}, expected [m, {d}] (the embeddings' width)")
+    if ref.dtype != emb.dtype:
+        raise invalid("inputs.ref_emb", f"dtype {str(ref.dtype).removeprefix('torch.')}, expected "
+                                        f"{str(emb.dtype).removeprefix('torch.')} (the embeddings' dtype)")
+    m = int(ref.shape[0])
+    if ref_labels is None:
+        if labels_needed:
+            raise invalid("inputs.ref_labels", f"required with inputs.ref_emb: one integer class label per "
+                                               f"reference row ([{m}])")
+    elif ref_labels.dim() != 1 or ref_labels.shape[0] != m:
+        raise invalid("inputs.ref_labels", f"shape {list(ref_labels.shape)}, expected [{m}] (one per ref_emb row)")
+    if inputs.get("ids") is not None:
+        raise invalid("inputs.ids", "not with inputs.ref_emb: triplet ids are batch ids, and with a reference set "
+                                    "the positives and negatives are reference rows (send no ids)")
+    return m
+
+
+def refuse_memory_with_reference(memory: Memory | None) -> None:
+    """A cross-batch memory already extends the candidates: a reference set is refused with it."""
+    if memory is not None and memory.embeddings.shape[0] > 0:
+        raise invalid("inputs.ref_emb", "not with a cross-batch memory: the memory already extends the candidates; "
+                                        "use a session without memory_size (or a stateless call)")
 
 
 @dataclass(frozen=True)
 class Candidates:
-    """Anchors ``x`` (the batch) and candidates ``r = cat(x, memory)`` with labels, detached, in the work dtype."""
+    """Anchors ``x`` (the batch) and candidates ``r = cat(x, memory)`` with labels, detached, in the work dtype;
+    with ``ref`` the candidates are a reference set, ``r = ref_emb`` (it does not contain ``x``)."""
 
     x: Tensor  # [n, d]
     r: Tensor  # [m, d]
@@ -84,6 +140,12 @@ class Candidates:
     nneg: Tensor  # [n] candidates with another label
     # The anchors the miners and reducers take, [lo, hi) (shard mode); None: every batch row.
     anchor_range: tuple[int, int] | None = None
+    # r is a reference set: no candidate is an anchor (no self column), and r gets its own gradient.
+    ref: bool = False
+
+    def self_col(self, s: int) -> int | None:
+        """The candidate column of anchor ``s`` (the first of a block starting there); None with a reference set."""
+        return None if self.ref else s
 
     @property
     def n(self) -> int:
@@ -100,13 +162,25 @@ class Candidates:
 
 
 def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | None,
-                    rows: tuple[int, int] | None = None) -> Candidates:
-    """Candidates for anchors ``rows`` (``[lo, hi)``, shard mode; None: every batch row)."""
+                    rows: tuple[int, int] | None = None, ref: Tensor | None = None,
+                    ref_labels: Tensor | None = None) -> Candidates:
+    """Candidates for anchors ``rows`` (``[lo, hi)``, shard mode; None: every batch row); with ``ref`` (and its
+    ``ref_labels``; None: all one label) the candidates are the reference rows instead of the batch and memory."""
     x = embeddings.detach()
     x = x.to(work_dtype(x.dtype))
     n = x.shape[0]
     y = labels.to(device=x.device, dtype=torch.int64) if labels is not None else torch.zeros(
         n, dtype=torch.int64, device=x.device)
+    if ref is not None:
+        refuse_memory_with_reference(memory)
+        r = ref.detach().to(device=x.device, dtype=x.dtype)
+        yr = ref_labels.to(device=x.device, dtype=torch.int64) if ref_labels is not None else torch.zeros(
+            r.shape[0], dtype=torch.int64, device=x.device)
+        same = LabelIndex(yr).counts(y)  # an anchor's label need not occur in the reference set
+        if rows is not None and tuple(rows) == (0, n):
+            rows = None
+        return Candidates(x, r, y, yr, same, r.shape[0] - same,
+                          None if rows is None else (int(rows[0]), int(rows[1])), ref=True)
     if memory is not None and memory.embeddings.shape[0] > 0:
         r = torch.cat([x, memory.embeddings.detach().to(device=x.device, dtype=x.dtype)])
         yr = torch.cat([y, memory.labels.to(device=x.device, dtype=torch.int64)])
@@ -117,6 +191,44 @@ def make_candidates(embeddings: Tensor, labels: Tensor | None, memory: Memory | 
     if rows is not None and tuple(rows) == (0, n):
         rows = None
     return Candidates(x, r, y, yr, same - 1, r.shape[0] - same, None if rows is None else (int(rows[0]), int(rows[1])))
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """The rows of a loss over all (anchor, partner) pairs (contrastive, multi-similarity), detached, in the work
+    dtype: the batch ``xw``, the anchors ``xa = prep(xw)`` and the partners ``cand`` (``xa`` followed by the
+    prepared memory rows, or with ``ref`` the prepared reference rows only) with their labels."""
+
+    xw: Tensor  # [n, d]
+    xa: Tensor  # [n, d]
+    y: Tensor  # [n] int64
+    cand: Tensor  # [m, d]
+    cand_y: Tensor  # [m] int64
+    ref: bool = False  # cand is a reference set: no partner is an anchor, and cand gets its own gradient
+
+
+def pair_rows(x: Tensor, labels: Tensor, memory: Memory | None, ref: Tensor | None = None,
+              ref_labels: Tensor | None = None, prep: Callable[[Tensor], Tensor] | None = None) -> PairRows:
+    """``PairRows`` of the batch ``x`` and its ``labels`` against the batch and the cross-batch ``memory``, or
+    against the reference set ``ref`` / ``ref_labels``; ``prep`` maps rows to what the loss compares
+    (multi-similarity's L2 normalisation; None: the rows themselves)."""
+    dev = x.device
+    xw = x.detach().to(work_dtype(x.dtype))
+    dt = xw.dtype
+    y = labels.to(device=dev, dtype=torch.int64)
+    xa = xw if prep is None else prep(xw)
+    if ref is not None:
+        refuse_memory_with_reference(memory)
+        assert ref_labels is not None
+        cand = ref.detach().to(device=dev, dtype=dt)
+        return PairRows(xw, xa, y, cand if prep is None else prep(cand),
+                        ref_labels.to(device=dev, dtype=torch.int64), ref=True)
+    cand, cand_y = xa, y
+    if memory is not None and memory.embeddings.shape[0] > 0:
+        mem = memory.embeddings.detach().to(device=dev, dtype=dt)
+        cand = torch.cat([xa, mem if prep is None else prep(mem)])
+        cand_y = torch.cat([y, memory.labels.to(device=dev, dtype=torch.int64)])
+    return PairRows(xw, xa, y, cand, cand_y)
 
 
 def row_blocks(n: int, m: int, device: torch.device, start: int = 0,
@@ -134,6 +246,8 @@ def block_masks(c: Candidates, s: int, e: int) -> tuple[Tensor, Tensor]:
     """``same [B, m]`` (same label) and ``pos [B, m]`` (same label, not the anchor itself) for anchors ``s:e``."""
     same = c.y[s:e, None] == c.yr[None, :]
     pos = same.clone()
+    if c.ref:
+        return same, pos  # no candidate is the anchor
     rows = torch.arange(e - s, device=same.device)
     pos[rows, rows + s] = False
     return same, pos
@@ -234,10 +348,13 @@ def mine_batch_hard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, 
         valid = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(valid.any()):
             continue
-        d, _ = dist.matrix(c.x[s:e], c.r, prepared, self_col=s)
+        d, _ = dist.matrix(c.x[s:e], c.r, prepared, self_col=c.self_col(s))
         si, sj = labels.pairs(c.y[s:e])  # same label, by row then column ascending; the anchor itself included
-        not_self = sj != si + s
-        pi, pj = si[not_self], sj[not_self]
+        if c.ref:
+            pi, pj = si, sj  # no candidate is the anchor
+        else:
+            not_self = sj != si + s
+            pi, pj = si[not_self], sj[not_self]
         dp = d[pi, pj]
         best = torch.full((e - s,), -_INF, dtype=d.dtype, device=d.device).scatter_reduce_(0, pi, dp, "amax")
         first = torch.where(dp == best[pi], pj, c.m)  # lowest column among a row's farthest positives
@@ -265,7 +382,7 @@ def mine_semihard(dist: PairDistance, c: Candidates) -> tuple[Tensor, Tensor, Te
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
             continue
-        d, _ = dist.matrix(c.x[s:e], c.r, prepared, self_col=s)
+        d, _ = dist.matrix(c.x[s:e], c.r, prepared, self_col=c.self_col(s))
         same, pos = block_masks(c, s, e)
         pos &= has[:, None]
         a_loc, p = pos.nonzero(as_tuple=True)
@@ -341,6 +458,20 @@ class TripletEval:
     values: Tensor  # [k] ℓ_t
     d_ap: Tensor  # [k]
     d_an: Tensor  # [k] (after swap)
+    grad_ref: Tensor | None = None  # [m, d] ∂(Σ ℓ_t)/∂r with a reference set (None without)
+
+
+def _anchor_side(c: Candidates, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows the anchor indices point into and the gradient buffer of those rows: the candidates themselves
+    (the batch is their first ``n`` rows) and ``grad``, or with a reference set the batch and its own buffer."""
+    if c.ref:
+        return c.x, torch.zeros_like(c.x)
+    return c.r, grad
+
+
+def _split_grads(c: Candidates, grad: Tensor, grad_a: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(∂/∂x [n, d], ∂/∂ref [m, d] or None) from the candidates' buffer and the anchors'."""
+    return (grad_a, grad) if c.ref else (grad[:c.n], None)
 
 
 def evaluate_triplets(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, neg: Tensor, *, margin: float,
@@ -370,6 +501,7 @@ def evaluate_triplets(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, n
         if k * d > ROWS_PATH_RATIO * rows.numel() * r.shape[0]:
             return _evaluate_by_rows(dist, c, a, p, neg, rows, margin, soft)
     grad = torch.zeros_like(r)
+    xa, grad_a = _anchor_side(c, grad)
     values = torch.empty(k, dtype=r.dtype, device=r.device)
     d_ap = torch.empty_like(values)
     d_an = torch.empty_like(values)
@@ -382,14 +514,15 @@ def evaluate_triplets(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, n
             run = None
             if unique_anchors and e > s and int(ia[-1]) - int(ia[0]) == e - s - 1:
                 run = int(ia[0])
-            ell, dap, dan = _triplet_chunk_closed(dist, r, grad, ia, ip, ineg, margin, soft, swap, run)
+            ell, dap, dan = _triplet_chunk_closed(dist, r, grad, ia, ip, ineg, margin, soft, swap, run, xa, grad_a)
         else:
-            ell, dap, dan = _triplet_chunk_autograd(dist, r, grad, ia, ip, ineg, margin, soft, swap)
+            ell, dap, dan = _triplet_chunk_autograd(dist, r, grad, ia, ip, ineg, margin, soft, swap, xa, grad_a)
         values[s:e] = ell
         d_ap[s:e] = dap
         d_an[s:e] = dan
         total += ell.sum(dtype=torch.float64)
-    return TripletEval(float(total), grad[:c.n], values, d_ap, d_an)
+    gx, gr = _split_grads(c, grad, grad_a)
+    return TripletEval(float(total), gx, values, d_ap, d_an, gr)
 
 
 # evaluate_triplets works on anchor rows (matmuls) instead of gathered rows when k·d > ROWS_PATH_RATIO·rows·m:
@@ -410,6 +543,7 @@ def _evaluate_by_rows(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, n
     order = torch.argsort(a, stable=True)
     a_s, p_s, n_s = a[order], p[order], neg[order]
     grad = torch.zeros_like(r)
+    xa, grad_a = _anchor_side(c, grad)
     values = torch.empty(k, dtype=r.dtype, device=dev)
     d_ap = torch.empty_like(values)
     d_an = torch.empty_like(values)
@@ -421,7 +555,7 @@ def _evaluate_by_rows(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, n
         cancellation.check()
         rows_b = rows[i0:i0 + step]
         t0, t1 = bounds[blk_i], bounds[blk_i + 1]
-        x_b = r.index_select(0, rows_b)
+        x_b = xa.index_select(0, rows_b)
         dmat, aux = dist.matrix(x_b, r, prepared)
         loc = torch.searchsorted(rows_b, a_s[t0:t1])
         pb, nb = p_s[t0:t1], n_s[t0:t1]
@@ -431,14 +565,15 @@ def _evaluate_by_rows(dist: PairDistance, c: Candidates, a: Tensor, p: Tensor, n
         coef.index_put_((loc, pb), cf, accumulate=True)
         coef.index_put_((loc, nb), -cf, accumulate=True)
         gx, gr = dist.backward(x_b, r, coef, dmat, aux)
-        grad.index_add_(0, rows_b, gx)
+        grad_a.index_add_(0, rows_b, gx)
         grad += gr
         idx = order[t0:t1]
         values[idx] = ell
         d_ap[idx] = dap
         d_an[idx] = dan
         total += ell.sum(dtype=torch.float64)
-    return TripletEval(float(total), grad[:c.n], values, d_ap, d_an)
+    gx, gr = _split_grads(c, grad, grad_a)
+    return TripletEval(float(total), gx, values, d_ap, d_an, gr)
 
 
 def _hinge(dap: Tensor, dan: Tensor, margin: float, soft: bool) -> tuple[Tensor, Tensor]:
@@ -451,10 +586,14 @@ def _hinge(dap: Tensor, dan: Tensor, margin: float, soft: bool) -> tuple[Tensor,
 
 
 def _triplet_chunk_closed(dist: PairDistance, r: Tensor, grad: Tensor, ia: Tensor, ip: Tensor, ineg: Tensor,
-                          margin: float, soft: bool, swap: bool, run: int | None = None
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk differentiated by hand; ``run``: the anchors are the rows ``run, run + 1, ...`` (a slice)."""
-    ua = r.index_select(0, ia) if run is None else r[run:run + ia.numel()]
+                          margin: float, soft: bool, swap: bool, run: int | None = None, xa: Tensor | None = None,
+                          grad_a: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk differentiated by hand; ``run``: the anchors are the rows ``run, run + 1, ...`` (a slice).
+    Anchors index ``xa`` (gradient into ``grad_a``; default ``r`` and ``grad``), positives and negatives ``r``
+    (into ``grad``)."""
+    xa = r if xa is None else xa
+    grad_a = grad if grad_a is None else grad_a
+    ua = xa.index_select(0, ia) if run is None else xa[run:run + ia.numel()]
     up, un = r.index_select(0, ip), r.index_select(0, ineg)
     dap, g_ap = dist.pairs_grad(ua, up)  # type: ignore[misc]
     dan, g_an = dist.pairs_grad(ua, un)  # type: ignore[misc]
@@ -470,9 +609,9 @@ def _triplet_chunk_closed(dist: PairDistance, r: Tensor, grad: Tensor, ia: Tenso
     if use is None:
         g_an.mul_(c_)
         if run is None:
-            grad.index_add_(0, ia, g_ap - g_an)
+            grad_a.index_add_(0, ia, g_ap - g_an)
         else:
-            grad[run:run + ia.numel()] += g_ap - g_an
+            grad_a[run:run + ia.numel()] += g_ap - g_an
         grad.index_add_(0, ip, g_ap, alpha=-1)
         grad.index_add_(0, ineg, g_an)
     else:
@@ -480,16 +619,19 @@ def _triplet_chunk_closed(dist: PairDistance, r: Tensor, grad: Tensor, ia: Tenso
         moved = (coef * use)[:, None]
         g_an.mul_(keep)
         g_pn.mul_(moved)
-        grad.index_add_(0, ia, g_ap - g_an)
+        grad_a.index_add_(0, ia, g_ap - g_an)
         grad.index_add_(0, ip, g_ap + g_pn, alpha=-1)
         grad.index_add_(0, ineg, g_an + g_pn)
     return ell, dap, dan
 
 
 def _triplet_chunk_autograd(dist: PairDistance, r: Tensor, grad: Tensor, ia: Tensor, ip: Tensor, ineg: Tensor,
-                            margin: float, soft: bool, swap: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            margin: float, soft: bool, swap: bool, xa: Tensor | None = None,
+                            grad_a: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    xa = r if xa is None else xa
+    grad_a = grad if grad_a is None else grad_a
     with torch.enable_grad():
-        ua = r[ia].requires_grad_(True)
+        ua = xa[ia].requires_grad_(True)
         up = r[ip].requires_grad_(True)
         un = r[ineg].requires_grad_(True)
         dap = dist.pairs(ua, up)
@@ -502,7 +644,7 @@ def _triplet_chunk_autograd(dist: PairDistance, r: Tensor, grad: Tensor, ia: Ten
         else:
             ell = torch.relu((margin + dap) - dan)
         ga, gp, gn = torch.autograd.grad(ell.sum(), (ua, up, un))
-    grad.index_add_(0, ia, ga)
+    grad_a.index_add_(0, ia, ga)
     grad.index_add_(0, ip, gp)
     grad.index_add_(0, ineg, gn)
     return ell.detach(), dap.detach(), dan.detach()
@@ -521,6 +663,7 @@ class AllTriplets:
     values: Tensor | None  # per-triplet ℓ in lexicographic (a, p, n) order
     sum_d_ap: float
     sum_d_an: float
+    grad_ref: Tensor | None = None  # [m, d] ∂(Σ ℓ)/∂r with a reference set (None without)
 
 
 def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin: float, soft: bool = False,
@@ -543,6 +686,7 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
     n, m = c.n, c.m
     dev, dt = c.x.device, c.x.dtype
     grad = torch.zeros_like(c.r)
+    grad_a = torch.zeros_like(c.x) if c.ref else grad
     per_anchor = torch.zeros(n, dtype=torch.float64, device=dev) if want_per_anchor else None
     values: list[Tensor] = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -556,7 +700,7 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
         has = (c.npos[s:e] > 0) & (c.nneg[s:e] > 0)
         if not bool(has.any()):
             continue
-        d, aux = dist.matrix(c.x[s:e], c.r, prepared, self_col=s)
+        d, aux = dist.matrix(c.x[s:e], c.r, prepared, self_col=c.self_col(s))
         same, pos = block_masks(c, s, e)
         pos &= has[:, None]
         a_loc, p = pos.nonzero(as_tuple=True)
@@ -648,16 +792,17 @@ def all_triplets(dist: PairDistance, c: Candidates, sink: TripletSink, *, margin
                 del d_p, d_pneg, coef_p
         del d_neg
         gx, gr = dist.backward(c.x[s:e], c.r, coef, d, aux)
-        grad[s:e] += gx
+        grad_a[s:e] += gx
         grad += gr
     npos, nneg = (c.npos, c.nneg) if c.anchor_range is None else (c.npos[lo:hi], c.nneg[lo:hi])
     valid = (npos > 0) & (nneg > 0)
     selected = int((npos * nneg)[valid].sum()) if npos.numel() else 0
+    gx_all, gr_all = _split_grads(c, grad, grad_a)
     return AllTriplets(
         loss_sum=float(loss_sum), selected=selected, active=int(active), valid_anchors=int(valid.sum()),
-        grad=grad[:n], per_anchor=per_anchor,
+        grad=gx_all, per_anchor=per_anchor,
         values=(torch.cat(values) if values else torch.zeros(0, dtype=dt, device=dev)) if want_values else None,
-        sum_d_ap=float(sum_dap), sum_d_an=float(sum_dan))
+        sum_d_ap=float(sum_dap), sum_d_an=float(sum_dan), grad_ref=gr_all)
 
 
 def _list_sorted(sink: TripletSink, d_neg: Tensor, a_loc: Tensor, p: Tensor, thr: Tensor, cnt: Tensor,
@@ -678,11 +823,16 @@ def _list_sorted(sink: TripletSink, d_neg: Tensor, a_loc: Tensor, p: Tensor, thr
 # ---- outputs ------------------------------------------------------------------------------------------------------
 
 def make_output(embeddings: Tensor, loss: float, grad: Tensor, ctx: ComputeContext, triplets: Tensor | None,
-                total: int, per_item: Tensor | None, stats: dict[str, float]) -> LossOutput:
-    """A ``LossOutput`` with explicitly computed gradients, in the embeddings' dtype (``per_item`` as given)."""
+                total: int, per_item: Tensor | None, stats: dict[str, float], ref: Tensor | None = None,
+                grad_ref: Tensor | None = None) -> LossOutput:
+    """A ``LossOutput`` with explicitly computed gradients, in the embeddings' dtype (``per_item`` as given); with
+    a reference set ``ref`` also its gradient ``grad_ref``, in its dtype."""
+    gradients = {"embeddings": grad.to(embeddings.dtype)}
+    if ref is not None and grad_ref is not None:
+        gradients["ref_emb"] = grad_ref.to(ref.dtype)
     return LossOutput(
         loss=torch.tensor(loss, dtype=embeddings.dtype, device=embeddings.device),
-        gradients={"embeddings": grad.to(embeddings.dtype)},
+        gradients=gradients,
         triplets=triplets if ctx.want_triplets else None,
         triplets_total=int(total),
         per_item=per_item.to(embeddings.dtype) if per_item is not None else None,
@@ -701,7 +851,8 @@ def empty_output(embeddings: Tensor, ctx: ComputeContext, stats: dict[str, float
 
 
 __all__ = [
-    "AllTriplets", "Candidates", "TripletEval", "TripletSink", "all_triplets", "block_masks", "check_labels",
-    "check_triplets", "empty_output", "evaluate_triplets", "finalize_triplets", "make_candidates", "make_output",
-    "mine_batch_hard", "mine_semihard", "row_blocks",
+    "REF_EMB", "REF_LABELS", "AllTriplets", "Candidates", "PairRows", "TripletEval", "TripletSink", "all_triplets",
+    "block_masks", "check_labels", "check_reference", "check_triplets", "empty_output", "evaluate_triplets",
+    "finalize_triplets", "make_candidates", "make_output", "mine_batch_hard", "mine_semihard", "pair_rows",
+    "refuse_memory_with_reference", "row_blocks",
 ]

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 
 from ..params import Param, Schema
-from ._mining import (HINGE_PARAMS, TripletSink, all_triplets, check_labels, empty_output, make_candidates,
-                      make_output)
+from ._mining import (HINGE_PARAMS, REF_EMB, REF_LABELS, TripletSink, all_triplets, check_labels, check_reference,
+                      empty_output, make_candidates, make_output)
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
 from .distances import ClampedEuclidean
 
@@ -26,13 +26,18 @@ class BatchAllTriplet(Loss):
 
     Shardable: with ``ctx.shard`` only the shard's anchors are reduced; the selected and active counts that the
     reductions divide by are those of every shard; ``per_item`` covers the shard's rows.
+
+    With a reference set (``ref_emb`` / ``ref_labels``, PML's semantics) the triplets are ``(a, p, n)`` with ``a``
+    a batch row and ``p``, ``n`` reference rows (``y_p = y_a``, ``y_n != y_a``; no row is excluded as "self"), the
+    means are over those triplets, ``triplets`` hold reference row indices in columns 1 and 2, and the gradient
+    of ``ref_emb`` comes back too.
     """
 
     name = "batch_all_triplet"
     uses_memory = True
     description = ("Batch-all triplet loss (Hermans et al. 2017): every valid (anchor, positive, negative) of the "
                    "batch, clamped euclidean distance; mean, mean over active, or sum.")
-    inputs = (EMBEDDINGS, LABELS)
+    inputs = (EMBEDDINGS, LABELS, REF_EMB, REF_LABELS)
     schema = Schema((
         *HINGE_PARAMS,
         Param("reduction", "enum", "mean", "mean over all valid triplets, over the active ones, or sum",
@@ -43,10 +48,13 @@ class BatchAllTriplet(Loss):
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs, inputs["embeddings"].shape[0])
+        check_reference(inputs)
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
         emb = inputs["embeddings"]
-        c = make_candidates(emb, inputs["labels"], ctx.memory, ctx.anchor_rows(emb.shape[0]))
+        ref = inputs.get("ref_emb")
+        c = make_candidates(emb, inputs["labels"], ctx.memory, ctx.anchor_rows(emb.shape[0]), ref,
+                            inputs.get("ref_labels"))
         soft = bool(self.params["soft"])
         sink = TripletSink(ctx.max_triplets, ctx.want_triplets)
         res = all_triplets(ClampedEuclidean(), c, sink, margin=float(self.params["margin"]), soft=soft,
@@ -72,4 +80,4 @@ class BatchAllTriplet(Loss):
                  "active_triplets": float(active), "mean_d_ap": sum_d_ap / selected,
                  "mean_d_an": sum_d_an / selected}
         return make_output(emb, res.loss_sum * scale, res.grad * scale, ctx, sink.result(emb.device), sink.total,
-                           per_anchor, stats)
+                           per_anchor, stats, ref, None if res.grad_ref is None else res.grad_ref * scale)

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 
 from ..params import Schema
-from ._mining import (HINGE_PARAMS, check_labels, empty_output, evaluate_triplets, make_candidates, make_output,
-                      mine_batch_hard)
+from ._mining import (HINGE_PARAMS, REF_EMB, REF_LABELS, check_labels, check_reference, empty_output,
+                      evaluate_triplets, make_candidates, make_output, mine_batch_hard)
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
 from .distances import ClampedEuclidean
 
@@ -23,6 +23,11 @@ class BatchHardTriplet(Loss):
     (every valid anchor when soft). With cross-batch memory, ``p*``/``n*`` are candidate indices (``>= n`` is a
     memory row).
 
+    With a reference set (``ref_emb`` / ``ref_labels``, PML's semantics) the anchors are the batch rows and
+    ``p*``/``n*`` come only from the reference rows (no row is excluded as "self"); valid anchors are those with
+    a positive and a negative there. ``p*``/``n*`` in ``triplets`` are then reference row indices, and the
+    gradient of ``ref_emb`` comes back too.
+
     Shardable: with ``ctx.shard`` only the shard's anchors are mined; the mean divides by the valid anchors of
     every shard.
     """
@@ -31,7 +36,7 @@ class BatchHardTriplet(Loss):
     uses_memory = True
     description = ("Batch-hard triplet loss (Hermans et al. 2017): per anchor the hardest positive and hardest "
                    "negative, clamped euclidean distance, mean over valid anchors.")
-    inputs = (EMBEDDINGS, LABELS)
+    inputs = (EMBEDDINGS, LABELS, REF_EMB, REF_LABELS)
     schema = Schema((
         *HINGE_PARAMS,
     ))
@@ -40,10 +45,13 @@ class BatchHardTriplet(Loss):
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs, inputs["embeddings"].shape[0])
+        check_reference(inputs)
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
         emb = inputs["embeddings"]
-        c = make_candidates(emb, inputs["labels"], ctx.memory, ctx.anchor_rows(emb.shape[0]))
+        ref = inputs.get("ref_emb")
+        c = make_candidates(emb, inputs["labels"], ctx.memory, ctx.anchor_rows(emb.shape[0]), ref,
+                            inputs.get("ref_labels"))
         dist = ClampedEuclidean()
         a, p, neg = mine_batch_hard(dist, c)
         if a.numel() == 0 and ctx.shard is None:
@@ -70,4 +78,5 @@ class BatchHardTriplet(Loss):
             stats = {"valid_anchors": float(k), "selected_triplets": float(k), "active_triplets": float(total[1]),
                      "mean_d_ap": float(total[2]) / k, "mean_d_an": float(total[3]) / k}
         return make_output(emb, ev.loss_sum / k, ev.grad / k, ctx, triplets[:max(ctx.max_triplets, 0)],
-                           triplets.shape[0], ev.values if ctx.want_per_item else None, stats)
+                           triplets.shape[0], ev.values if ctx.want_per_item else None, stats, ref,
+                           None if ev.grad_ref is None else ev.grad_ref / k)

@@ -7,7 +7,9 @@ as in the official code (which also drops duplicate genuine positives). Anchors 
 ``P'`` or ``N'`` contribute 0 and still count in the ``1/n``.
 
 With cross-batch memory (``ctx.memory``) the anchors are the batch rows and the positives/negatives come from
-the batch rows followed by the memory rows (no gradient through memory).
+the batch rows followed by the memory rows (no gradient through memory). With a reference set (``ref_emb`` /
+``ref_labels``, PML's semantics) they come only from the reference rows (no row is removed as "self": a reference
+row equal to an anchor is a positive or negative like any other), and the reference rows get their gradient too.
 
 How it is computed (closed form, no autograd graph; ``distances.with_gradient`` hands the gradient to autograd),
 over blocks of anchor rows against every candidate, in the input's dtype (similarities of unit vectors do not
@@ -29,8 +31,8 @@ import torch.nn.functional as F
 
 from ..params import Param, Schema
 from .base import EMBEDDINGS, LABELS, ComputeContext, Loss, LossOutput, register
-from ._mining import LabelIndex, check_labels, row_blocks
-from .distances import with_gradient, work_dtype
+from ._mining import REF_EMB, REF_LABELS, LabelIndex, check_labels, check_reference, pair_rows, row_blocks
+from .distances import with_gradients
 
 # F.normalize's eps: x̂ = x / max(|x|, 1e-12).
 _NORM_EPS = 1e-12
@@ -38,21 +40,39 @@ _NORM_EPS = 1e-12
 BLOCK_ELEMS = {"cpu": 2**18, "cuda": 2**24}
 
 
+def _normalize(t: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(t, dim=1, eps=1e-12)``: ``t / max(|t|, 1e-12)`` row-wise."""
+    return F.normalize(t, dim=1, eps=_NORM_EPS)
+
+
+def _through_normalize(g_hat: torch.Tensor, t: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
+    """``∂/∂t`` from ``g_hat = ∂/∂t̂`` through ``t̂ = t / max(|t|, 1e-12)``: ``(g − (g·t̂)t̂)/|t|`` above the clamp,
+    ``g/1e-12`` below it."""
+    norm = torch.linalg.vector_norm(t, dim=1)
+    big = norm >= _NORM_EPS
+    radial = (g_hat * t_hat).sum(1, keepdim=True) * t_hat
+    return torch.where(big[:, None], (g_hat - radial) / norm.clamp_min(_NORM_EPS)[:, None], g_hat / _NORM_EPS)
+
+
 @register
 class MultiSimilarityLoss(Loss):
     """Multi-similarity loss (§E.2); the stats count the mined (anchor, partner) pairs.
 
     Shardable: with ``ctx.shard`` a shard computes its anchors' terms against every candidate (``per_item``: its
-    anchors' ℓ_i); the loss still divides by the global ``n``."""
+    anchors' ℓ_i); the loss still divides by the global ``n``.
+
+    With a reference set (``ref_emb`` / ``ref_labels``) ``P_i`` and ``N_i`` are reference rows (none removed as
+    self); the mean is still over the ``n`` batch anchors, and the gradient of ``ref_emb`` comes back too."""
 
     name = "multi_similarity"
     uses_memory = True
     description = (
         "Multi-similarity loss (Wang et al. 2019) on cosine similarities with its epsilon pair mining: "
         "(1/alpha)·log(1 + Σ_P' e^{-alpha(S-base)}) + (1/beta)·log(1 + Σ_N' e^{beta(S-base)}), mean over anchors. "
-        "Self is removed by index; with cross-batch memory the partners include the memory rows."
+        "Self is removed by index; with cross-batch memory the partners include the memory rows; with ref_emb "
+        "they are the reference rows."
     )
-    inputs = (EMBEDDINGS, LABELS)
+    inputs = (EMBEDDINGS, LABELS, REF_EMB, REF_LABELS)
     schema = Schema((
         Param("alpha", "float", 2.0, "scale of the positive term", minimum=0.0, exclusive_minimum=True),
         Param("beta", "float", 50.0, "scale of the negative term", minimum=0.0, exclusive_minimum=True),
@@ -64,33 +84,29 @@ class MultiSimilarityLoss(Loss):
 
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         check_labels(inputs, inputs["embeddings"].shape[0])
+        check_reference(inputs)
 
     def forward(self, inputs: dict[str, torch.Tensor], ctx: ComputeContext) -> LossOutput:
-        x, y = inputs["embeddings"], inputs["labels"]
+        x, ref = inputs["embeddings"], inputs.get("ref_emb")
+        rows = pair_rows(x, inputs["labels"], ctx.memory, ref, inputs.get("ref_labels"), prep=_normalize)
+        xw, xn, y, cand, cand_y, is_ref = rows.xw, rows.xa, rows.y, rows.cand, rows.cand_y, rows.ref
         n, d = x.shape
         dev = x.device
-        xw = x.detach().to(work_dtype(x.dtype))
         dt = xw.dtype
-        y = y.to(device=dev, dtype=torch.int64)
-        norm = torch.linalg.vector_norm(xw, dim=1)
-        xn = xw / norm.clamp_min(_NORM_EPS)[:, None]  # F.normalize(x, eps=1e-12)
-        cand, cand_y = xn, y
-        if ctx.memory is not None and ctx.memory.embeddings.shape[0] > 0:
-            mem = F.normalize(ctx.memory.embeddings.detach().to(device=dev, dtype=dt), dim=1, eps=_NORM_EPS)
-            cand = torch.cat([xn, mem])
-            cand_y = torch.cat([y, ctx.memory.labels.to(device=dev, dtype=torch.int64)])
         total = cand.shape[0]
         lo, hi = ctx.anchor_rows(n)
         p = self.params
         alpha, beta, base, eps = float(p["alpha"]), float(p["beta"]), float(p["base"]), float(p["epsilon"])
         need_grad = torch.is_grad_enabled() and x.requires_grad
+        need_ref_grad = torch.is_grad_enabled() and ref is not None and ref.requires_grad
         f64 = torch.float64
 
         g_hat = torch.zeros(n, d, dtype=dt, device=dev) if need_grad else None  # ∂loss/∂x̂ of the batch rows
+        g_ref = torch.zeros(total, d, dtype=dt, device=dev) if need_ref_grad else None  # ∂loss/∂r̂
         loss_sum = torch.zeros((), dtype=f64, device=dev)
         counts = torch.zeros(3, dtype=f64, device=dev)  # kept positive pairs, kept negative pairs, anchors
         per_anchor: list[torch.Tensor] = []
-        if hi > lo:
+        if hi > lo and total > 0:
             rows_cap = max(1, min(hi - lo, BLOCK_ELEMS.get(dev.type, 2**22) // max(total, 1)))
             labels = LabelIndex(cand_y)
             s_buf = torch.empty(rows_cap, total, dtype=dt, device=dev)
@@ -99,8 +115,11 @@ class MultiSimilarityLoss(Loss):
                 b = e - s
                 sim = torch.mm(xn[s:e], cand.T, out=s_buf[:b])
                 si, sj = labels.pairs(y[s:e])  # same label, the anchor itself included
-                not_self = sj != si + s
-                pi, pj = si[not_self], sj[not_self]
+                if is_ref:
+                    pi, pj = si, sj  # no partner is the anchor
+                else:
+                    not_self = sj != si + s
+                    pi, pj = si[not_self], sj[not_self]
                 sp = sim[pi, pj]
                 sim[si, sj] = -torch.inf  # the row maximum is now the most similar negative
                 max_neg = sim.amax(1)
@@ -127,28 +146,32 @@ class MultiSimilarityLoss(Loss):
                 counts += torch.stack([(n_hard_pos * okf).sum(), (n_hard_neg * okf).sum(), okf.sum()]).to(f64)
                 if ctx.want_per_item:
                     per_anchor.append(ell)
-                if g_hat is not None:
+                if g_hat is not None or g_ref is not None:
                     # ∂ℓ_i/∂S_ik = e^{z_ik}/den (negatives), −e^{z_ij}/den (positives); 1/n for the mean
                     # (an anchor without pairs can have den = 0 when e^{−m} underflows: its weight is 0, not 0/0)
                     f_neg = torch.where(ok, 1.0 / (den_neg * n), 0.0)
                     f_pos = torch.where(ok, 1.0 / (den_pos * n), 0.0)
                     w = ez.mul_(f_neg[:, None])
                     w[pi, pj] = -ep * f_pos[pi]
-                    if b == total:  # the whole batch in one block, no memory: one matmul
+                    if is_ref:
+                        if g_hat is not None:
+                            g_hat[s:e] += w @ cand
+                        if g_ref is not None:
+                            g_ref += w.T @ xn[s:e]
+                    elif b == total:  # the whole batch in one block, no memory: one matmul
                         g_hat += (w + w.T) @ xn
                     else:
                         g_hat[s:e] += w @ cand
                         g_hat += w[:, :n].T @ xn[s:e]
-        grad = None
-        if g_hat is not None:
-            # through x̂ = x / max(|x|, 1e-12): (g − (g·x̂)x̂)/|x| above the clamp, g/1e-12 below it
-            big = norm >= _NORM_EPS
-            radial = (g_hat * xn).sum(1, keepdim=True) * xn
-            grad = torch.where(big[:, None], (g_hat - radial) / norm.clamp_min(_NORM_EPS)[:, None],
-                               g_hat / _NORM_EPS)
+        elif hi > lo and ctx.want_per_item:
+            per_anchor.append(xw.new_zeros(hi - lo))  # an empty reference set: every anchor's ℓ_i is 0
+        grad = None if g_hat is None else _through_normalize(g_hat, xw, xn)
+        pairs = [(x, grad)]
+        if ref is not None:
+            pairs.append((ref, None if g_ref is None else _through_normalize(g_ref, ref.detach().to(device=dev, dtype=dt), cand)))
         counts = ctx.global_sum(counts)
         return LossOutput(
-            loss=with_gradient(x, loss_sum / n, grad),  # 1/n over every anchor of every shard
+            loss=with_gradients(loss_sum / n, pairs),  # 1/n over every anchor of every shard
             per_item=(torch.cat(per_anchor) if per_anchor else xw.new_zeros(0)).to(x.dtype)
             if ctx.want_per_item else None,
             stats={"kept_positive_pairs": float(counts[0]), "kept_negative_pairs": float(counts[1]),

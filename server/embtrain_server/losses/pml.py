@@ -35,10 +35,19 @@ there is refused). ``embedding_size`` (or ``descriptors_dim``) defaults to the w
 ``DynamicSoftMarginLoss`` keeps a running histogram: it is computed in ``forward`` and committed in ``update``.
 
 The loss value is PML's own, never rounded: SmoothAPLoss computes a float32 loss for float64 and float16 inputs,
-and that float32 value is what the response carries (gradients are in each input's dtype). With
-``DoNothingReducer`` (PML returns its loss dictionary unreduced) the loss is the **sum** of every element of every
-sub-loss, its gradient is returned, and ``per_item_losses`` carries the elements of the first sub-loss in PML's
-order on every answer.
+and that float32 value is what the response carries (gradients are in each input's dtype).
+
+With ``DoNothingReducer`` PML returns its loss dictionary unreduced, ``{sub_loss: {"losses", "indices",
+"reduction_type"}}``. Its *elements* are every sub-loss's floating-point ``losses``, flattened, in the dictionary's
+order (PML's zero losses, the number 0, are none). The loss is the **sum** of every element of every sub-loss and its
+gradient is returned; with the input ``element_weights`` (float ``[e]``, one weight per element) it is
+``sum_e w_e * element_e`` instead, whose gradients (embeddings, ``ref_emb``, learnable weights) are the
+vector-Jacobian product that a client's own reduction of the dictionary needs: embtrain.pml's backward. Every answer
+carries ``per_item_losses`` as ``reducer_params.per_item`` says: ``"first"`` (default) the first sub-loss's elements
+in PML's order, ``"all"`` every element, ``"dict"`` the whole dictionary, indices and reduction types included,
+packed in one float64 tensor (format at ``pack_loss_dict``). The elements are those of each call: where PML samples
+(``triplets_per_anchor`` an integer, a sampling miner), a second call that must see the same ones sends the first
+answer's triplets as its ``indices_tuple``.
 
 With a triplet miner (one that returns ``(a, p, n)``), the response's triplets are the miner's *selected*
 triplets, sorted and de-duplicated: PML does not say which of them have a positive loss. Pair miners, indices sent
@@ -126,6 +135,8 @@ _INTERNAL = {"embedding_regularizer", "embedding_reg_weight", "weight_regularize
 _OBJECT_PARAMS = ("distance", "distance_params", "reducer", "reducer_params", "miner", "miner_params",
                   "embedding_regularizer", "embedding_regularizer_params", "weight_regularizer",
                   "weight_regularizer_params")
+# What ``per_item_losses`` carries with DoNothingReducer (``reducer_params.per_item``).
+_PER_ITEM = ("first", "all", "dict")
 # Inputs that carry PML's ``indices_tuple``.
 _PAIR_INPUTS = ("indices_a1", "indices_p", "indices_a2", "indices_n")
 _INDEX_INPUTS = ("triplets", *_PAIR_INPUTS)
@@ -253,7 +264,10 @@ if _pml_losses is not None:
             dataclasses.replace(_INNER, name="default_reducer", description="reducer of the other sub-losses; "
                                                                             "null: MeanReducer"),
             Param("default_reducer_params", "object", {}, "arguments of default_reducer")))),
-        "DoNothingReducer": (_R.DoNothingReducer, Schema()),
+        "DoNothingReducer": (_R.DoNothingReducer, Schema((
+            Param("per_item", "enum", "first", "what per_item_losses carries: 'first' (the first sub-loss's "
+                  "elements), 'all' (every element, in element_weights' order) or 'dict' (PML's whole loss "
+                  "dictionary, packed: see embtrain_server.losses.pml)", choices=_PER_ITEM),))),
     }
     _RG = _pml_regularizers
     _REGULARIZERS: dict[str, tuple[type, Schema]] = {
@@ -373,7 +387,9 @@ def _reducer(name: str | None, values: Mapping[str, Any], where: str = "params.r
     cls, schema = table[name]
     prefix = f"{where}_params"
     parsed = schema.parse(values, prefix=prefix)
-    if name == "PerAnchorReducer":
+    if name == "DoNothingReducer":
+        parsed = {}  # per_item says what the answer carries; the reducer itself takes no arguments
+    elif name == "PerAnchorReducer":
         inner = _reducer(parsed["reducer"], parsed["reducer_params"], f"{prefix}.reducer", _PLAIN_REDUCERS)
         parsed = {"reducer": inner}
     elif name == "MultipleReducers":
@@ -447,22 +463,163 @@ _MINERS: dict[str, tuple[type, Schema]] = {
 }
 
 
-def _sum_loss_dict(loss_dict: Mapping[str, Any], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DoNothingReducer: PML's unreduced loss dictionary -> (the sum of every element of every sub-loss, the
-    elements of the first sub-loss flattened, or None when it has none)."""
-    total: torch.Tensor | None = None
-    first: torch.Tensor | None = None
-    for i, info in enumerate(loss_dict.values()):
+def _elements(loss_dict: Mapping[str, Any]) -> list[torch.Tensor]:
+    """DoNothingReducer: the *elements* of PML's unreduced loss dictionary, in the order ``element_weights`` and
+    ``per_item`` 'all' follow: for each sub-loss in the dictionary's order, its ``losses`` when that is a
+    floating-point tensor, flattened (a 0-dim tensor is one element). PML's zero losses (the number ``0``) are no
+    elements."""
+    return [info["losses"].reshape(-1) for info in loss_dict.values()
+            if isinstance(info, Mapping) and torch.is_tensor(info.get("losses"))
+            and info["losses"].is_floating_point()]
+
+
+def _reduce_loss_dict(loss_dict: Mapping[str, Any], like: torch.Tensor,
+                      weights: torch.Tensor | None) -> torch.Tensor:
+    """DoNothingReducer: the loss the server differentiates. Without ``weights``, the sum of every element of every
+    sub-loss (numbers included); with them (``inputs.element_weights``, one per element in ``_elements``' order),
+    ``sum_e w_e * l_e``: its gradient is the vector-Jacobian product of the elements with ``w``, which is what a
+    client's own reduction of the dictionary needs for its backward."""
+    if weights is not None:
+        elements = _elements(loss_dict)
+        count = sum(int(e.numel()) for e in elements)
+        if weights.shape[0] != count:
+            raise invalid("inputs.element_weights", f"length {weights.shape[0]}, expected {count}: one weight per "
+                          f"element of the loss dictionary ({_describe(loss_dict)}), in that order")
+        total: torch.Tensor | None = None
+        offset = 0
+        for e in elements:
+            k = int(e.numel())
+            part = (e * weights[offset:offset + k].to(e.dtype)).sum()
+            offset += k
+            total = part if total is None else total + part
+        return total if total is not None else torch.zeros((), dtype=like.dtype, device=like.device)
+    total = None
+    for info in loss_dict.values():
         losses = info["losses"]
         if not torch.is_tensor(losses):
             losses = torch.as_tensor(float(losses), dtype=like.dtype, device=like.device)
-        if i == 0:
-            first = losses.detach().reshape(-1)
         part = losses.sum()
         total = part if total is None else total + part
-    if total is None:
-        total = torch.zeros((), dtype=like.dtype, device=like.device)
-    return total, first
+    return total if total is not None else torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def _describe(loss_dict: Mapping[str, Any]) -> str:
+    """``pos_loss: 48, neg_loss: 192``: the elements of each sub-loss, for error messages."""
+    parts = []
+    for name, info in loss_dict.items():
+        losses = info.get("losses") if isinstance(info, Mapping) else None
+        count = int(losses.numel()) if torch.is_tensor(losses) and losses.is_floating_point() else 0
+        parts.append(f"{name}: {count}")
+    return ", ".join(parts) or "no sub-losses"
+
+
+def _per_item(loss_dict: Mapping[str, Any], like: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """What ``per_item_losses`` carries with DoNothingReducer (``reducer_params.per_item``)."""
+    if mode == "dict":
+        return pack_loss_dict(loss_dict)
+    if mode == "all":
+        elements = [e.detach() for e in _elements(loss_dict)]
+        if not elements:
+            return torch.zeros(0, dtype=like.dtype)
+        dtype = elements[0].dtype
+        for e in elements[1:]:
+            dtype = torch.promote_types(dtype, e.dtype)
+        return torch.cat([e.to(dtype) for e in elements])
+    for info in loss_dict.values():  # 'first': the first sub-loss's elements
+        losses = info["losses"]
+        if not torch.is_tensor(losses):
+            losses = torch.as_tensor(float(losses), dtype=like.dtype, device=like.device)
+        return losses.detach().reshape(-1)
+    return None
+
+
+# ---- the packed loss dictionary (reducer_params.per_item = "dict") -----------------------------------------
+#
+# PML's loss dictionary, exactly, in one float64 tensor (float64 holds every float16/bfloat16/float32/float64 value
+# and every integer below 2**53 exactly):
+#
+#     [PACK_MAGIC, PACK_VERSION, S, structure (S numbers), elements (the rest)]
+#
+# ``elements`` are ``_elements(loss_dict)`` concatenated (the order ``element_weights`` follows). ``structure``
+# encodes the dictionary as a value:
+#
+#     0                                   None
+#     1, x                                a Python int (bool: as 0 / 1)
+#     2, x                                a Python float
+#     3, L, c_1 .. c_L                    a str, as L Unicode code points
+#     4, K, v_1 .. v_K                    a tuple of K values
+#     5, K, v_1 .. v_K                    a list of K values
+#     6, K, (key_1, v_1) .. (key_K, v_K)  a dict (keys are str values), in its order
+#     7, dtype, ndim, shape.., data..     a tensor given inline (indices)
+#     8, dtype, ndim, shape..             a tensor whose data is the next numel() numbers of ``elements``
+#                                         (a sub-loss's floating-point ``losses``)
+#
+# with ``dtype`` the position in ``PACK_DTYPES``. embtrain.pml decodes it on the client (embtrain.pml._lossdict).
+PACK_MAGIC = 5262668.0  # "PML" as a number: a packed dictionary, not a list of losses
+PACK_VERSION = 1.0
+PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool)
+
+
+def pack_loss_dict(loss_dict: Mapping[str, Any]) -> torch.Tensor:
+    """PML's loss dictionary as one float64 CPU tensor (format above)."""
+    structure: list[torch.Tensor] = []
+    numbers: list[float] = []
+    data: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if numbers:
+            structure.append(torch.tensor(numbers, dtype=torch.float64))
+            numbers.clear()
+
+    def put(value: Any, element: bool = False) -> None:
+        if value is None:
+            numbers.append(0.0)
+        elif isinstance(value, (bool, int)):
+            numbers.extend((1.0, float(int(value))))
+        elif isinstance(value, float):
+            numbers.extend((2.0, value))
+        elif isinstance(value, str):
+            numbers.extend((3.0, float(len(value)), *(float(ord(c)) for c in value)))
+        elif isinstance(value, (tuple, list)):
+            numbers.extend((4.0 if isinstance(value, tuple) else 5.0, float(len(value))))
+            for v in value:
+                put(v)
+        elif isinstance(value, Mapping):
+            numbers.extend((6.0, float(len(value))))
+            for k, v in value.items():
+                put(str(k))
+                put(v)
+        elif torch.is_tensor(value):
+            if value.dtype not in PACK_DTYPES:
+                raise TypeError(f"cannot pack a {value.dtype} tensor")
+            flat = value.detach().reshape(-1).to("cpu", torch.float64)
+            inline = not (element and value.is_floating_point())
+            numbers.extend((7.0 if inline else 8.0, float(PACK_DTYPES.index(value.dtype)), float(value.dim()),
+                            *(float(s) for s in value.shape)))
+            if inline:
+                flush()
+                structure.append(flat)
+            else:
+                data.append(flat)
+        else:
+            raise TypeError(f"cannot pack a {type(value).__name__}")
+
+    # The top level by hand: a sub-loss's "losses" is where the elements are (as ``_elements`` finds them).
+    numbers.extend((6.0, float(len(loss_dict))))
+    for name, info in loss_dict.items():
+        put(str(name))
+        if isinstance(info, Mapping):
+            numbers.extend((6.0, float(len(info))))
+            for k, v in info.items():
+                put(str(k))
+                put(v, element=k == "losses")
+        else:
+            put(info)
+    flush()
+    body = torch.cat(structure) if structure else torch.zeros(0, dtype=torch.float64)
+    head = torch.tensor([PACK_MAGIC, PACK_VERSION, float(body.numel())], dtype=torch.float64)
+    return torch.cat([head, body, *data])
 
 
 # ---- the served loss --------------------------------------------------------------------------------------
@@ -498,6 +655,8 @@ class _PmlLoss(Loss):
         # The learnable parameters this configuration has (MarginLoss's beta only with learn_beta).
         self._weights = tuple(name for name, _ in probe.named_parameters())
         self._nothing = p.get("reducer") == "DoNothingReducer"
+        self._per_item = _REDUCERS["DoNothingReducer"][1].parse(
+            p["reducer_params"], prefix="params.reducer_params")["per_item"] if self._nothing else "first"
         if not self._row.learnable and self._row.dim_param is None:
             self._module = probe
 
@@ -562,6 +721,14 @@ class _PmlLoss(Loss):
                 raise invalid("inputs.labels", f"required by params.miner ({p['miner']} mines from the labels)")
         elif labels.shape != (n,):
             raise invalid("inputs.labels", f"shape {list(labels.shape)}, expected [{n}] (one per embedding row)")
+        w = inputs.get("element_weights")
+        if w is not None:
+            if not self._nothing:
+                raise invalid("inputs.element_weights", "only with params.reducer 'DoNothingReducer' (weights of the "
+                                                        "elements of PML's unreduced loss dictionary)")
+            if w.dim() != 1:
+                raise invalid("inputs.element_weights", f"shape {list(w.shape)}, expected [e] (one weight per "
+                                                        "element of the loss dictionary)")
         m = self._check_reference(inputs, n, d)
         if has_indices:
             self._check_indices(inputs, n, m)
@@ -716,7 +883,14 @@ class _PmlLoss(Loss):
                 setattr(module, b, value)
         per_item = None
         if isinstance(loss, Mapping):  # DoNothingReducer
-            loss, per_item = _sum_loss_dict(loss, emb)
+            loss_dict = loss
+            loss = _reduce_loss_dict(loss_dict, emb, inputs.get("element_weights"))
+            if ctx.want_per_item:
+                try:
+                    per_item = _per_item(loss_dict, emb, self._per_item)
+                except TypeError as exc:  # a dictionary this format cannot carry (not PML 2.9's)
+                    raise InvalidArgument(f"{self.name}: reducer_params.per_item 'dict' cannot carry this loss "
+                                          f"dictionary: {exc}", field="params.reducer_params.per_item") from exc
         if not torch.is_tensor(loss):
             loss = torch.as_tensor(float(loss), dtype=emb.dtype, device=emb.device)
         # PML's own dtype (SmoothAP: float32 for float64 and float16 inputs), never rounded to the input's.
@@ -840,6 +1014,13 @@ _REF_SPECS = (
 )
 
 
+_ELEMENT_WEIGHTS = InputSpec(
+    "element_weights", "float", "[e]", False, False,
+    "with params.reducer DoNothingReducer only: one weight per element of PML's loss dictionary (every sub-loss's "
+    "floating-point losses flattened, in the dictionary's order: per_item 'all'); the loss is then sum(w * "
+    "element) and its gradients the vector-Jacobian product with w")
+
+
 def _inputs(row: _Row) -> tuple[InputSpec, ...]:
     specs = [EMBEDDINGS, LABELS if row.labels == "required" else _OPTIONAL_LABELS]
     if row.miner:
@@ -848,6 +1029,7 @@ def _inputs(row: _Row) -> tuple[InputSpec, ...]:
         specs += list(_REF_SPECS)
     specs += [InputSpec(name, "float", shape, False, True, f"the learnable {name} of a stateless call (a session "
                         "holds its own); its gradient comes back") for name, shape in row.weights]
+    specs.append(_ELEMENT_WEIGHTS)
     return tuple(specs)
 
 
