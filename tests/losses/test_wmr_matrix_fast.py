@@ -1,4 +1,5 @@
-"""weighted_margin_ranking's counting form (the matrix form without O(n³) pair tensors) against a brute-force
+"""weighted_margin_ranking's counting form (the matrix form without O(n³) pair tensors) and its direct small-block
+path, each against a brute-force
 reference written here from the spec (LOSSES.md §A.2, one anchor at a time, plain float64 broadcasting over the
 pairs; the matrix form is the mean over the anchors with at least one pair). Loss, gradient (autograd of the
 reference), mined triplets, their total and per_item must agree, for both pair orders, weighted or not, with
@@ -22,6 +23,15 @@ load_all()
 NAME = "weighted_margin_ranking"
 DEFAULTS = {"margin": 0.03, "min_dist": 0.0, "max_dist": math.inf, "weighted": True, "pair_order": "gt",
             "reduction": "mean"}
+
+
+@pytest.fixture(autouse=True, params=["direct", "counting"])
+def block_path(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Every test runs both ways a block is decided: small blocks all pairs at once (the default at these sizes),
+    and the counting form that larger blocks take (forced here by a zero threshold)."""
+    if request.param == "counting":
+        monkeypatch.setattr(wmr_module, "_DENSE_ELEMENTS", 0)
+    return str(request.param)
 
 
 # ---- the reference --------------------------------------------------------------------------------------------

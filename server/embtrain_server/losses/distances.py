@@ -258,6 +258,9 @@ def pairwise_sq_dists(x: Tensor, r: Tensor, self_col: int | None = None) -> Tens
     m = r.shape[0]
     if n == 0 or m == 0:
         return x.new_zeros(n, m)
+    if n * m * x.shape[1] <= SMALL_WORK:  # what sq_block does at this size, without preparing the candidates
+        diff = _differences(x, r)
+        return diff.mul_(diff).sum(-1).to(x.dtype)
     return CandidateRows(r).sq_block(x, self_col=self_col).sq
 
 

@@ -38,6 +38,10 @@ batches (e.g. collapsed embeddings with many gt clipped to both ends of ``[min_d
 hold ``O(n²)`` pairs per anchor and the cost falls back towards the old ``O(n³)``. Only ``Σ w`` and the sums of
 the reduction are summed in another order than before (float64 rounding, ~1e-16 relative).
 
+**Small blocks** (anchors x n x n up to ``_DENSE_ELEMENTS``, e.g. the vector form up to n = 512) skip the counting
+structure, whose few hundred small operations cost more than the pairs themselves there: every pair of the block is
+decided at once with the direct expression (``_AnchorSetup.all_pairs``), the same decisions and values.
+
 The mined triplets (lexicographic, capped at ``max_triplets``) and ``per_item`` (every pair's loss; ``O(n³)`` in
 the matrix form by nature) are still enumerated row by row with the direct expression, but only for the rows
 they need: ``triplets_total`` comes from the counts, and the rows after the cap is reached are not visited.
@@ -179,8 +183,10 @@ class WeightedMarginRankingLoss(Loss):
             if sq_a.numel() * n <= _DENSE_ELEMENTS:
                 # Small: every pair of the block at once, with the direct expression (no counting structure).
                 dense = setup.all_pairs(sq_a, p)
-                act = dense[0] & (dense[1] > 0)
-                ar, ac, row_pairs = act.sum(2), act.sum(1), dense[0].sum(2)
+                act = dense[1] > 0
+                act &= dense[0]
+                ar, ac = torch.count_nonzero(act, 2), torch.count_nonzero(act, 1)
+                row_pairs = torch.count_nonzero(dense[0], 2)
             else:
                 ar, ac, row_pairs = setup.count(sq_a, p)
             pairs_a = row_pairs.sum(1)
@@ -310,8 +316,10 @@ class _AnchorSetup:
     def all_pairs(self, sq: torch.Tensor, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``rows`` for every (anchor, r) of the block at once: the used pairs and the direct hinge argument,
         [B, n, n] (the same expression, so the same decisions and values)."""
-        key = self.key
-        pairs = self.first[:, :, None] & self.valid[:, None, :] & (key[:, None, :] > key[:, :, None])
+        # key_c > key_r with c's key -inf where c is not valid and r's +inf where r is not first: one comparison.
+        inf = torch.tensor(math.inf, dtype=self.key.dtype, device=self.key.device)
+        key_c, key_r = torch.where(self.valid, self.key, -inf), torch.where(self.first, self.key, inf)
+        pairs = key_c[:, None, :] > key_r[:, :, None]
         ell = sq[:, :, None] - sq[:, None, :]
         if p["weighted"]:
             ell += p["margin"] * ((1.0 + self.gn[:, None, :]) - self.gn[:, :, None])
