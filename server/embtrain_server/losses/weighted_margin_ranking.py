@@ -268,33 +268,41 @@ class _AnchorSetup:
     def __init__(self, g_raw: torch.Tensor, valid: torch.Tensor, p: Mapping[str, Any]) -> None:
         inf = torch.tensor(math.inf, dtype=torch.float64, device=g_raw.device)
         g = torch.where(valid, g_raw.clamp_min(p["min_dist"]), inf)
-        m = valid.sum(1)
-        far = valid & (g > p["max_dist"])
-        n_far = far.sum(1)
-        # Everything far: the closest sample (lowest index on ties; argmin returns the first) stays the reference.
-        all_far = (n_far == m) & (m > 0)
-        closest = g.argmin(1)
-        far[all_far, closest[all_far]] = False
+        finite_max = math.isfinite(p["max_dist"])
+        m = valid.sum(1) if finite_max or p["pair_order"] != "gt" else None
+        far = n_far = None  # nothing is beyond an infinite max_dist
+        if finite_max:
+            assert m is not None
+            far = valid & (g > p["max_dist"])
+            n_far = far.sum(1)
+            # Everything far: the closest sample (lowest index on ties; argmin returns the first) stays the reference.
+            all_far = (n_far == m) & (m > 0)
+            closest = g.argmin(1)
+            far[all_far, closest[all_far]] = False
 
-        lo = p["min_dist"]
-        if math.isfinite(p["max_dist"]):
-            hi = torch.full(m.shape, p["max_dist"], dtype=torch.float64, device=g.device)
-        else:
-            hi = torch.where(valid, g, -inf).amax(1)
-        span = hi - lo
-        gn = torch.where(span[:, None] > 0, ((g - lo) / span.clamp_min(1e-300)[:, None]).clamp(0.0, 1.0), 0.0)
-        self.gn = torch.where(valid, gn, 0.0)
+        # gn, the normalised gt of the weighted margin (None: unweighted, not used).
+        self.gn: torch.Tensor | None = None
+        if p["weighted"]:
+            lo = p["min_dist"]
+            if finite_max:
+                hi = torch.full(g.shape[:1], p["max_dist"], dtype=torch.float64, device=g.device)
+            else:
+                hi = torch.where(valid, g, -inf).amax(1)
+            span = hi - lo
+            gn = torch.where(span[:, None] > 0, ((g - lo) / span.clamp_min(1e-300)[:, None]).clamp(0.0, 1.0), 0.0)
+            self.gn = torch.where(valid, gn, 0.0)
         self.valid = valid
         if p["pair_order"] == "gt":
             # A far r has no pair: every c with g_c > g_r is far too (the all-far case's un-far sample is the
             # closest, so never such a c).
             self.key = g
-            self.first = valid & ~far
+            self.first = valid & ~far if far is not None else valid
         else:
             # Literal Lua rule: the source's "don't care" block is the last nneg = clamp(#far, 1, m-1) positions; a
             # tail r has no pair, as every later valid position is in the tail too.
+            assert m is not None
             pos = valid.cumsum(1) - 1
-            n_neg = torch.minimum(n_far, m - 1).clamp_min(1)
+            n_neg = torch.minimum(n_far, m - 1).clamp_min(1) if n_far is not None else torch.ones_like(m)
             tail = valid & (pos >= (m - n_neg)[:, None])
             self.key = torch.arange(g.shape[1], dtype=torch.float64, device=g.device).repeat(g.shape[0], 1)
             self.first = valid & ~tail
@@ -389,7 +397,8 @@ def _fix_window(setup: _AnchorSetup, act_r: torch.Tensor, act_c: torch.Tensor, s
     stop = torch.searchsorted(values, hi, right=True).flatten()[rows]
     width = (stop - start).clamp_min(0)
     ev0 = anchor * length + start  # flat event index of the window's first event
-    sq_f, gn_f, key_f = sq.flatten(), setup.gn.flatten(), setup.key.flatten()
+    sq_f, key_f = sq.flatten(), setup.key.flatten()
+    gn_f = setup.gn.flatten() if setup.gn is not None else None
     data_f, perm_f = data.flatten(), perm.flatten()
     act_r_f, act_c_f = act_r.view(-1), act_c.view(-1)
     ends = width.cumsum(0)
@@ -408,7 +417,7 @@ def _fix_window(setup: _AnchorSetup, act_r: torch.Tensor, act_c: torch.Tensor, s
         c_f = (anchor[j0:j1] * n)[row] + perm_f[ev] - n
         # The direct expression, in the same operation order as ``_AnchorSetup.rows``.
         ell = sq_f[r_f][row] - sq_f[c_f]
-        if p["weighted"]:
+        if gn_f is not None:
             ell += p["margin"] * (1.0 + gn_f[c_f] - gn_f[r_f][row])
         else:
             ell += p["margin"]
