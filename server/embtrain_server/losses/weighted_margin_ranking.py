@@ -157,7 +157,8 @@ class WeightedMarginRankingLoss(Loss):
         valid_all[torch.arange(anchors.numel(), device=dev), anchors] = False  # an anchor is not its own sample
 
         # Squared distances anchor -> every row, exact (LOSSES.md §0.6), for the selection.
-        sq64 = sq_dists_exact(x.detach()[anchors], x.detach())
+        x64 = x.detach().to(torch.float64)  # (also the gradient's)
+        sq64 = sq_dists_exact(x64[anchors], x64)
 
         p = self.params
         m = p["margin"]
@@ -237,7 +238,7 @@ class WeightedMarginRankingLoss(Loss):
         # in closed form, d sq_aj = 2(x_a − x_j)·(dx_a − dx_j), in float64 like the distances (the terms cancel like
         # the Gram form does), handed to autograd by ``with_gradient``.
         loss = (coef * sq64).sum() * scale + const * scale
-        x64, coef = x.detach().to(torch.float64), coef * (2.0 * scale)
+        coef = coef * (2.0 * scale)
         if gt.dim() == 1:  # one anchor, row 0
             grad = coef[0, :, None] * (x64 - x64[0])
             grad[0] = -grad.sum(0)  # d/dx_0 = −Σ_j d/dx_j (the j = 0 term is 0)
