@@ -152,7 +152,10 @@ def step_time_table(results: Sequence[dict[str, Any]], round_trip_ms: float) -> 
         "The rest is the service's own work per step: encoding the batch and decoding the answer in the SDK, "
         "parsing, validating and scheduling the batch on the server, and encoding its answer. With 64-row batches "
         "the loss itself takes about a millisecond, so this fixed cost dominates; it stays the same as batches grow, "
-        "while the loss's cost grows as n² (bench/README.md, Transport).")
+        "while the loss's cost grows as n² (bench/README.md, Transport). The stateless losses are computed on the "
+        "server's event loop (small batches at idle workers: no hand-over between threads); the island session's "
+        "batches take the session's ordered path through a worker thread, which adds two thread hops (and the "
+        "session's bookkeeping) to its rest.")
 
 
 def plot(results: Sequence[dict[str, Any]], labels: torch.Tensor, path: pathlib.Path) -> None:
