@@ -254,11 +254,17 @@ class Batches:
         loss.check_inputs(inputs)
         return StatelessBatch(request_id, options, loss, inputs)
 
+    @property
+    def inline(self) -> bool:
+        """Small stateless batches may run on the event loop: ``inline_compute_seconds`` > 0 on a CPU device (a
+        GPU's work is asynchronous, and its per-thread device state stays on the workers)."""
+        return self.config.inline_compute_seconds > 0 and self.device.type == "cpu"
+
     def runs_inline(self, prepared: StatelessBatch) -> bool:
         """Whether a checked stateless batch is small enough to compute on the event loop (no thread hand-over):
         its estimated compute time is at most ``inline_compute_seconds``."""
         limit = self.config.inline_compute_seconds
-        return limit > 0 and validation.estimated_seconds(prepared.loss, prepared.inputs, self.limits) <= limit
+        return self.inline and validation.estimated_seconds(prepared.loss, prepared.inputs, self.limits) <= limit
 
     def run_stateless(self, prepared: StatelessBatch) -> bytes:
         """A checked stateless batch (``stateless_batch``) computed and encoded."""

@@ -278,8 +278,7 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                                         self.batches.commit_step)
 
     def _inline(self, req: Unparsed) -> bool:
-        return (self.config.inline_compute_seconds > 0 and len(req.data) <= self.config.inline_max_bytes
-                and self.scheduler.idle())
+        return self.batches.inline and len(req.data) <= self.config.inline_max_bytes and self.scheduler.idle()
 
     def _stateless_batch(self, req: Unparsed, principal: str) -> Any:
         return self.batches.stateless_batch(req.parse(), principal)
