@@ -10,7 +10,6 @@ learnable weights (trained for a few optimiser steps). Skipped as a whole withou
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,24 +25,18 @@ from pytorch_metric_learning import regularizers as pml_regularizers  # noqa: E4
 import embtrain  # noqa: E402
 from embtrain.pml import _lossdict  # noqa: E402
 from embtrain.pml import losses as remote  # noqa: E402
+from pml_support import CLASSIFIER, IN_DIM, N_CLASSES, PER_CLASS  # noqa: E402
+from pml_support import batch as _batch  # noqa: E402
+from pml_support import twins  # noqa: E402
 
-N_CLASSES, PER_CLASS, DIM, IN_DIM = 4, 4, 8, 12
-CLASSIFIER = {"num_classes": N_CLASSES, "embedding_size": DIM}
 SEED = 4321
 
 
 @pytest.fixture(scope="module")
 def client(module_server: Any) -> Iterator[embtrain.Client]:
+    """A server of this module's own (the stateful losses open sessions)."""
     with module_server.client(timeout=60.0) as c:
         yield c
-
-
-def _batch(seed: int = 0, dtype: torch.dtype = torch.float32, per_class: int = PER_CLASS
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(N_CLASSES).repeat_interleave(per_class)
-    x = torch.randn(labels.shape[0], DIM, generator=g, dtype=dtype)
-    return x + 0.5 * torch.nn.functional.one_hot(labels, DIM).to(dtype), labels
 
 
 def _pair(name: str, client: embtrain.Client, **kwargs: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -202,19 +195,14 @@ def test_arcface_w_trains_like_pml(client: embtrain.Client, weight_regularizer: 
         kwargs["weight_regularizer"] = pml_regularizers.RegularFaceRegularizer()
     local, served = _pair("ArcFaceLoss", client, **kwargs)
     torch.testing.assert_close(served.W.detach(), local.W.detach(), rtol=0, atol=0)
-    torch.manual_seed(1)
-    enc_local = torch.nn.Linear(IN_DIM, DIM)
-    enc_served = copy.deepcopy(enc_local)
-    opt_local = torch.optim.Adam([*enc_local.parameters(), *local.parameters()], lr=0.05)
-    opt_served = torch.optim.Adam([*enc_served.parameters(), *served.parameters()], lr=0.05)
-    g = torch.Generator().manual_seed(2)
-    labels = torch.arange(N_CLASSES).repeat_interleave(PER_CLASS)
+    sides, g, labels = twins(local, served, torch.optim.Adam, lr=0.05, seed=1)
+    (enc_local, _, _), (enc_served, _, _) = sides
     start = served.W.detach().clone()
     for step in range(4):
         x = torch.randn(labels.shape[0], IN_DIM, generator=g)
         w = torch.rand(labels.shape[0], generator=g)
         dicts = []
-        for enc, loss, opt in ((enc_local, local, opt_local), (enc_served, served, opt_served)):
+        for enc, loss, opt in sides:
             opt.zero_grad()
             d = loss(enc(x), labels)
             value = (d["loss"]["losses"] * w).sum() / w.sum()

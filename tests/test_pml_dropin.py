@@ -29,12 +29,13 @@ from pytorch_metric_learning import regularizers as pml_regularizers  # noqa: E4
 import embtrain  # noqa: E402
 from embtrain.pml import _defaults  # noqa: E402
 from embtrain.pml import losses as remote  # noqa: E402
+from pml_support import CLASSIFIER, DIM, IN_DIM, N_CLASSES  # noqa: E402
+from pml_support import batch as _batch  # noqa: E402
+from pml_support import twins  # noqa: E402
 
-N_CLASSES, PER_CLASS, DIM, IN_DIM = 4, 4, 8, 12
 SEED = 1234
 
 # Every served loss, written out (the names are fixed), with the constructor arguments it is tested with.
-CLASSIFIER = {"num_classes": N_CLASSES, "embedding_size": DIM}
 ARGS: dict[str, dict[str, Any]] = {
     "AngularLoss": {}, "ArcFaceLoss": CLASSIFIER, "CircleLoss": {}, "ContrastiveLoss": {},
     "CosFaceLoss": CLASSIFIER, "DynamicSoftMarginLoss": {}, "FastAPLoss": {}, "GeneralizedLiftedStructureLoss": {},
@@ -63,14 +64,6 @@ def client(module_server: Any) -> Iterator[embtrain.Client]:
     """A server of this module's own (the stateful losses open sessions)."""
     with module_server.client(timeout=60.0) as c:
         yield c
-
-
-def _batch(seed: int = 0, dtype: torch.dtype = torch.float32, per_class: int = PER_CLASS
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(N_CLASSES).repeat_interleave(per_class)
-    x = torch.randn(labels.shape[0], DIM, generator=g, dtype=dtype)
-    return x + 0.5 * torch.nn.functional.one_hot(labels, DIM).to(dtype), labels
 
 
 def _pair(name: str, client: embtrain.Client, **override: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -262,17 +255,12 @@ def test_learnable_parameters_train_like_pml(client: embtrain.Client, name: str)
     assert isinstance(getattr(served, key), torch.nn.Parameter)
     assert [n for n, _ in served.named_parameters()] == [n for n, _ in local.named_parameters()] == [key]
     _same(getattr(served, key).detach(), getattr(local, key).detach())  # PML's initial values, same draws
-    torch.manual_seed(1)
-    enc_local = torch.nn.Linear(IN_DIM, DIM)
-    enc_served = copy.deepcopy(enc_local)
-    opt_local = torch.optim.Adam([*enc_local.parameters(), *local.parameters()], lr=0.05)
-    opt_served = torch.optim.Adam([*enc_served.parameters(), *served.parameters()], lr=0.05)
-    g = torch.Generator().manual_seed(2)
-    labels = torch.arange(N_CLASSES).repeat_interleave(PER_CLASS)
+    sides, g, labels = twins(local, served, torch.optim.Adam, lr=0.05, seed=1)
+    (enc_local, _, _), (enc_served, _, _) = sides
     for step in range(5):
         x = torch.randn(labels.shape[0], IN_DIM, generator=g)
         values = []
-        for enc, loss, opt in ((enc_local, local, opt_local), (enc_served, served, opt_served)):
+        for enc, loss, opt in sides:
             opt.zero_grad()
             value = loss(enc(x), labels)
             value.backward()
@@ -464,17 +452,12 @@ def test_float64_equals_pml(client: embtrain.Client, name: str) -> None:
 
 def _train_pair(local: torch.nn.Module, served: torch.nn.Module, steps: int, call: Callable[..., Any],
                 exact: bool = True) -> None:
-    torch.manual_seed(3)
-    enc_local = torch.nn.Linear(IN_DIM, DIM)
-    enc_served = copy.deepcopy(enc_local)
-    opt_local = torch.optim.SGD([*enc_local.parameters(), *local.parameters()], lr=0.1)
-    opt_served = torch.optim.SGD([*enc_served.parameters(), *served.parameters()], lr=0.1)
-    g = torch.Generator().manual_seed(4)
-    labels = torch.arange(N_CLASSES).repeat_interleave(PER_CLASS)
+    sides, g, labels = twins(local, served, torch.optim.SGD, lr=0.1, seed=3)
+    (enc_local, _, _), (enc_served, _, _) = sides
     for _ in range(steps):
         x = torch.randn(labels.shape[0], IN_DIM, generator=g)
         values = []
-        for enc, loss, opt in ((enc_local, local, opt_local), (enc_served, served, opt_served)):
+        for enc, loss, opt in sides:
             opt.zero_grad()
             value = call(loss, enc, x, labels)
             value.backward()

@@ -109,13 +109,7 @@ class Scheduler:
             if stop is not None:  # the caller is gone: the work stops at its next block
                 stop.set()
             if not self._abandon(session_id, call):  # it runs: wait for it, the session's order covers it
-                while not fut.done():
-                    try:
-                        await asyncio.shield(fut)
-                    except asyncio.CancelledError:
-                        continue
-                    except Exception:  # noqa: BLE001 - the caller is gone; the outcome has nowhere to go
-                        break
+                await _wait_out(fut)
             raise
 
     def idle(self) -> bool:
@@ -282,13 +276,7 @@ class Scheduler:
             if stop is not None:  # the caller is gone: the work stops at its next block
                 stop.set()
             if not cf.cancel():
-                while not fut.done():
-                    try:
-                        await asyncio.shield(fut)
-                    except asyncio.CancelledError:
-                        continue
-                    except Exception:  # noqa: BLE001 - the caller is gone; the outcome has nowhere to go
-                        break
+                await _wait_out(fut)
             raise
         finally:
             self.metrics.worker_calls.dec()
@@ -305,6 +293,18 @@ class _Alone:
     """The order of a call outside any session's (compared by identity)."""
 
     __slots__ = ()
+
+
+async def _wait_out(fut: asyncio.Future[Any]) -> None:
+    """Wait until work that has started ends, whatever its outcome and however often this task is cancelled
+    meanwhile (its caller is gone: the outcome has nowhere to go)."""
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # noqa: BLE001 - the caller is gone; the outcome has nowhere to go
+            break
 
 
 def _in_scope(stop: threading.Event | None, fn: Callable[..., T], *args: Any) -> T:
