@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 
 import embtrain
+from embtrain_server import losses
 from embtrain_server import server as srv
 from embtrain_server.config import ServerConfig
 
@@ -116,3 +117,29 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "con
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+class LossGate:
+    """Blocks the loss class ``name`` inside ``forward`` (on a worker thread) until opened: makes 'a batch is being
+    computed right now' a state a test can hold. ``calls`` counts the forwards that entered; opening restores the
+    class."""
+
+    def __init__(self, name: str) -> None:
+        losses.load_all()
+        self.cls = losses.get(name)
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.calls = 0
+        self.original = original = self.cls.forward
+
+        def forward(loss, inputs, ctx):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            self.entered.set()
+            assert self.opened.wait(60), "gate never opened"
+            return original(loss, inputs, ctx)
+
+        self.cls.forward = forward  # type: ignore[method-assign]
+
+    def open(self) -> None:
+        self.opened.set()
+        self.cls.forward = self.original  # type: ignore[method-assign]

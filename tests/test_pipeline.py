@@ -14,38 +14,16 @@ import numpy as np
 import pytest
 
 import embtrain
-from embtrain_server import losses
 from embtrain_server.batches import Batches
 from embtrain_server.metrics import Metrics
 from embtrain_server.scheduler import Scheduler
-from tests.conftest import ServerHandle, wait_until
+from tests.conftest import LossGate, ServerHandle, wait_until
 
 
 def batch(n: int = 16, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     g = np.random.default_rng(seed)
     y = np.repeat(np.arange(n // 4), 4)
     return (g.standard_normal((n, d)) + y[:, None]).astype(np.float32), y.astype(np.int64)
-
-
-class Gate:
-    """Blocks ``batch_hard_triplet``'s forward (on a worker) until opened."""
-
-    def __init__(self) -> None:
-        self.cls = losses.get("batch_hard_triplet")
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        self.original = original = self.cls.forward
-
-        def forward(loss, inputs, ctx):  # type: ignore[no-untyped-def]
-            self.entered.set()
-            assert self.opened.wait(60), "gate never opened"
-            return original(loss, inputs, ctx)
-
-        self.cls.forward = forward  # type: ignore[method-assign]
-
-    def open(self) -> None:
-        self.opened.set()
-        self.cls.forward = self.original  # type: ignore[method-assign]
 
 
 @pytest.fixture()
@@ -76,7 +54,7 @@ def test_the_next_batches_are_decoded_while_one_computes(make_server, prepared_c
     x, y = batch()
     with h.client(timeout=60) as c:
         s = None if stateless else c.create_session("batch_hard_triplet", seed=1)
-        gate = Gate()
+        gate = LossGate("batch_hard_triplet")
         results: list[Any] = []
         try:
             batches = [{"embeddings": x + i, "labels": y} for i in range(4)]
@@ -179,7 +157,7 @@ def test_a_draining_server_answers_the_batches_it_started(make_server) -> None: 
     x, y = batch()
     with h.client(timeout=60) as c:
         s = c.create_session("batch_hard_triplet", seed=3)
-        gate = Gate()
+        gate = LossGate("batch_hard_triplet")
         got: list[Any] = []
         failure: list[BaseException] = []
 

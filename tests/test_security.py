@@ -30,7 +30,7 @@ from embtrain_server import config as config_mod
 from embtrain_server import losses
 from embtrain_server import server as srv
 from embtrain_server.main import main as server_main
-from tests.conftest import ServerHandle, wait_until
+from tests.conftest import LossGate, ServerHandle, wait_until
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef0"
@@ -389,30 +389,10 @@ def test_concurrent_streams_limit(make_server) -> None:  # type: ignore[no-untyp
             s.close()
 
 
-class Gate:
-    """Blocks the session's loss class inside ``forward`` (on a worker thread) until opened: makes 'a batch is
-    being computed right now' a state a test can hold. Opening restores the class."""
-
-    def __init__(self, h: ServerHandle, session_id: str) -> None:
-        with h.client() as c:
-            name = c.get_session(session_id).info().loss
-        self.cls = losses.get(name)
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        self.calls = 0
-        self.original = original = self.cls.forward
-
-        def forward(loss, inputs, ctx):  # type: ignore[no-untyped-def]
-            self.calls += 1
-            self.entered.set()
-            assert self.opened.wait(60), "gate never opened"
-            return original(loss, inputs, ctx)
-
-        self.cls.forward = forward  # type: ignore[method-assign]
-
-    def open(self) -> None:
-        self.opened.set()
-        self.cls.forward = self.original  # type: ignore[method-assign]
+def session_gate(h: ServerHandle, session_id: str) -> LossGate:
+    """A ``LossGate`` on the session's loss class."""
+    with h.client() as c:
+        return LossGate(c.get_session(session_id).info().loss)
 
 
 def gauge(h: ServerHandle, name: str) -> float:
@@ -427,7 +407,7 @@ def test_batches_in_flight_per_stream_are_bounded(make_server) -> None:  # type:
     h: ServerHandle = make_server(max_inflight_per_stream=k)
     with h.client() as c:
         sid = c.create_session("batch_hard_triplet").id
-    gate = Gate(h, sid)
+    gate = session_gate(h, sid)
     s = RawStream(h.target)
     try:  # the gate opens in any case, so a failure does not leave a worker blocked
         for i in range(12):
@@ -454,7 +434,7 @@ def test_an_expired_request_that_has_not_started_never_runs(make_server) -> None
     x, y = batch()
     with h.client(timeout=30) as c:
         s = c.create_session("batch_hard_triplet")
-        gate = Gate(h, s.id)
+        gate = session_gate(h, s.id)
         first: list[object] = []
         t = threading.Thread(target=lambda: first.append(s.compute(x, y)))
         t.start()
@@ -480,7 +460,7 @@ def test_a_cancelled_running_batch_keeps_the_session_order(make_server) -> None:
     x, y = batch()
     with h.client(timeout=30) as c:
         s = c.create_session("batch_hard_triplet", head={"type": "linear", "out_dim": 4}, seed=3)
-        gate = Gate(h, s.id)
+        gate = session_gate(h, s.id)
         try:
             with pytest.raises(embtrain.DeadlineExceeded):
                 s.compute(x, y, timeout=0.3)
