@@ -628,7 +628,8 @@ def test_small_stateless_batches_run_on_the_event_loop_and_large_specs_never_do(
     """With the default inline_compute_seconds a small stateless batch arriving at idle workers is parsed, checked
     and computed on the event loop (no thread hand-over), with the same answer as on a worker; a request larger
     than inline_max_bytes (a loss spec may be an arbitrarily large Struct) is still parsed on a worker, and so is a
-    batch whose estimated compute time is over the limit."""
+    batch whose estimated compute time is over the limit, and a pml.* loss (its estimate does not see what PML
+    enumerates)."""
     from embtrain_server import batches as batches_mod
     from embtrain_server import servicer as servicer_mod
 
@@ -666,6 +667,11 @@ def test_small_stateless_batches_run_on_the_event_loop_and_large_specs_never_do(
         xl = np.random.default_rng(0).standard_normal((1024, 128)).astype(np.float32)
         yl = np.arange(1024) // 8
         assert np.isfinite(c.compute(xl, yl, loss="batch_hard_triplet").loss)  # estimated over 50 ms: a worker
+        assert ran and ran[0].startswith("embtrain-worker"), ran
+        del parsed[:], ran[:]
+        # A pml.* loss's estimate does not see the triplets PML enumerates: a worker too, whatever its size.
+        pytest.importorskip("pytorch_metric_learning")
+        assert np.isfinite(c.compute(x, y, loss="pml.TripletMarginLoss").loss)
         assert ran and ran[0].startswith("embtrain-worker"), ran
 
 

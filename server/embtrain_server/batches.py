@@ -262,9 +262,11 @@ class Batches:
 
     def runs_inline(self, prepared: StatelessBatch) -> bool:
         """Whether a checked stateless batch is small enough to compute on the event loop (no thread hand-over):
-        its estimated compute time is at most ``inline_compute_seconds``."""
+        a native loss (whose compute-time estimate is calibrated; a ``pml.*`` loss may enumerate triplets that its
+        estimate does not see) with an estimated compute time of at most ``inline_compute_seconds``."""
         limit = self.config.inline_compute_seconds
-        return self.inline and validation.estimated_seconds(prepared.loss, prepared.inputs, self.limits) <= limit
+        return (self.inline and prepared.loss.family == "native"
+                and validation.estimated_seconds(prepared.loss, prepared.inputs, self.limits) <= limit)
 
     def run_stateless(self, prepared: StatelessBatch) -> bytes:
         """A checked stateless batch (``stateless_batch``) computed and encoded."""

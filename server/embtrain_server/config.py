@@ -62,10 +62,10 @@ class ServerConfig:
     # arithmetic by compute_rate (operations per second; 0: 2e9 on a CPU, 2e12 on a GPU).
     max_compute_seconds: float = 300.0
     compute_rate: float = 0.0
-    # On a CPU device, a stateless Compute of at most inline_max_bytes, arriving while the workers are idle, whose
-    # estimated compute time is at most inline_compute_seconds, is parsed and runs on the event loop: no hand-over
-    # to a worker and back (two thread hops, a large share of a small batch's round trip). Larger requests (whose
-    # loss spec may be an arbitrarily large Struct) are parsed on a worker. 0: never.
+    # On a CPU device, a stateless Compute of a native loss of at most inline_max_bytes, arriving while the workers
+    # are idle, whose estimated compute time is at most inline_compute_seconds, is parsed and runs on the event
+    # loop: no hand-over to a worker and back (two thread hops, a large share of a small batch's round trip). Larger
+    # requests (whose loss spec may be an arbitrarily large Struct) are parsed on a worker. 0: never.
     inline_compute_seconds: float = 0.05
     inline_max_bytes: int = 256 * 1024
     max_sessions_per_principal: int = 64
