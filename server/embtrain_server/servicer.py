@@ -278,7 +278,10 @@ class Servicer(pb_grpc.EmbeddingTrainerServicer):
                                         self.batches.commit_step)
 
     def _inline(self, req: Unparsed) -> bool:
-        return self.batches.inline and len(req.data) <= self.config.inline_max_bytes and self.scheduler.idle()
+        # Idle: no work on the workers or queued, and no step holding device memory (a replicated step computes on
+        # its own thread), so the batch never waits on the event loop.
+        return (self.batches.inline and len(req.data) <= self.config.inline_max_bytes and self.scheduler.idle()
+                and not self.batches.working.in_use)
 
     def _stateless_batch(self, req: Unparsed, principal: str) -> Any:
         return self.batches.stateless_batch(req.parse(), principal)
