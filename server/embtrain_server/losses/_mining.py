@@ -88,32 +88,41 @@ def check_triplets(triplets: Tensor, n: int, m: int | None = None) -> None:
                           f"index {int(triplets[row, col])} at [{row}, {col}] is outside [0, {size}) ({rows})")
 
 
-def check_reference(inputs: Mapping[str, Tensor], labels_needed: bool = True) -> int | None:
-    """``inputs.ref_emb`` / ``inputs.ref_labels``: a float ``[m, d]`` reference set of the embeddings' width and
-    dtype, with one label per row (required when the loss uses labels). Returns ``m`` (None: no reference set).
-
-    A reference set replaces the candidates, so it cannot be combined with the per-row sample ids (the response's
-    ``triplet_ids`` map every candidate index to a batch id)."""
+def reference_rows(inputs: Mapping[str, Tensor]) -> int | None:
+    """What every reference set must be (the native losses' and the ``pml.*`` losses'): ``inputs.ref_emb`` ``[m, d]``
+    of the embeddings' width, ``inputs.ref_labels`` (if sent) one per row and never without it. Returns ``m``
+    (None: no reference set)."""
     ref, ref_labels = inputs.get("ref_emb"), inputs.get("ref_labels")
     if ref is None:
         if ref_labels is not None:
             raise invalid("inputs.ref_labels", "given without inputs.ref_emb (the labels of a reference set come "
                                                "with it)")
         return None
-    emb = inputs["embeddings"]
-    d = emb.shape[1]
+    d = inputs["embeddings"].shape[1]
     if ref.dim() != 2 or ref.shape[1] != d:
         raise invalid("inputs.ref_emb", f"shape {list(ref.shape)}, expected [m, {d}] (the embeddings' width)")
+    m = int(ref.shape[0])
+    if ref_labels is not None and (ref_labels.dim() != 1 or ref_labels.shape[0] != m):
+        raise invalid("inputs.ref_labels", f"shape {list(ref_labels.shape)}, expected [{m}] (one per ref_emb row)")
+    return m
+
+
+def check_reference(inputs: Mapping[str, Tensor], labels_needed: bool = True) -> int | None:
+    """A native loss's reference set (``reference_rows``), also of the embeddings' dtype, with its labels when the
+    loss uses labels. Returns ``m`` (None: no reference set).
+
+    A reference set replaces the candidates, so it cannot be combined with the per-row sample ids (the response's
+    ``triplet_ids`` map every candidate index to a batch id)."""
+    m = reference_rows(inputs)
+    if m is None:
+        return None
+    ref, emb = inputs["ref_emb"], inputs["embeddings"]
     if ref.dtype != emb.dtype:
         raise invalid("inputs.ref_emb", f"dtype {str(ref.dtype).removeprefix('torch.')}, expected "
                                         f"{str(emb.dtype).removeprefix('torch.')} (the embeddings' dtype)")
-    m = int(ref.shape[0])
-    if ref_labels is None:
-        if labels_needed:
-            raise invalid("inputs.ref_labels", f"required with inputs.ref_emb: one integer class label per "
-                                               f"reference row ([{m}])")
-    elif ref_labels.dim() != 1 or ref_labels.shape[0] != m:
-        raise invalid("inputs.ref_labels", f"shape {list(ref_labels.shape)}, expected [{m}] (one per ref_emb row)")
+    if labels_needed and inputs.get("ref_labels") is None:
+        raise invalid("inputs.ref_labels", f"required with inputs.ref_emb: one integer class label per "
+                                           f"reference row ([{m}])")
     if inputs.get("ids") is not None:
         raise invalid("inputs.ids", "not with inputs.ref_emb: triplet ids are batch ids, and with a reference set "
                                     "the positives and negatives are reference rows (send no ids)")
@@ -854,5 +863,5 @@ __all__ = [
     "REF_EMB", "REF_LABELS", "AllTriplets", "Candidates", "PairRows", "TripletEval", "TripletSink", "all_triplets",
     "block_masks", "check_labels", "check_reference", "check_triplets", "empty_output", "evaluate_triplets",
     "finalize_triplets", "make_candidates", "make_output", "mine_batch_hard", "mine_semihard", "pair_rows",
-    "refuse_memory_with_reference", "row_blocks",
+    "reference_rows", "refuse_memory_with_reference", "row_blocks",
 ]

@@ -76,6 +76,7 @@ import torch
 
 from ..errors import FailedPrecondition, InvalidArgument, invalid, is_out_of_memory
 from ..params import Param, Schema
+from ._mining import reference_rows
 from .base import EMBEDDINGS, LABELS, ComputeContext, InputSpec, Loss, LossOutput, note_missing_extra, register
 
 try:  # imported once, here; the rest of the module only uses the dicts built from it
@@ -729,7 +730,7 @@ class _PmlLoss(Loss):
             if w.dim() != 1:
                 raise invalid("inputs.element_weights", f"shape {list(w.shape)}, expected [e] (one weight per "
                                                         "element of the loss dictionary)")
-        m = self._check_reference(inputs, n, d)
+        m = self._check_reference(inputs, n)
         if has_indices:
             self._check_indices(inputs, n, m)
         want = self._dim if self._dim is not None else (p.get(row.dim_param) if row.dim_param else None)
@@ -746,20 +747,12 @@ class _PmlLoss(Loss):
             _check_class_blocks(labels)
         self._check_weights(inputs, d)
 
-    def _check_reference(self, inputs: Mapping[str, torch.Tensor], n: int, d: int) -> int:
-        """``ref_emb`` / ``ref_labels``; returns the number of reference rows (``n`` without a reference set)."""
-        ref, ref_labels = inputs.get("ref_emb"), inputs.get("ref_labels")
-        if ref is None:
-            if ref_labels is not None:
-                raise invalid("inputs.ref_labels", "given without inputs.ref_emb (the labels of a reference set "
-                                                   "come with it)")
+    def _check_reference(self, inputs: Mapping[str, torch.Tensor], n: int) -> int:
+        """``ref_emb`` / ``ref_labels`` (``_mining.reference_rows``); returns the number of reference rows (``n``
+        without a reference set)."""
+        m = reference_rows(inputs)
+        if m is None:
             return n
-        if ref.dim() != 2 or ref.shape[1] != d:
-            raise invalid("inputs.ref_emb", f"shape {list(ref.shape)}, expected [m, {d}] (the embeddings' width)")
-        m = int(ref.shape[0])
-        if ref_labels is not None and ref_labels.shape != (m,):
-            raise invalid("inputs.ref_labels", f"shape {list(ref_labels.shape)}, expected [{m}] (one per ref_emb "
-                                               "row)")
         if self._miner is not None:
             raise invalid("inputs.ref_emb", "params.miner mines within the batch; with a reference set, mine on "
                                             "the client and send the indices")
