@@ -173,8 +173,12 @@ class InProcess:
     def __init__(self, loss: str, params: dict[str, Any], device: str) -> None:
         import torch
 
-        from embtrain_server import compute, losses, validation
+        from embtrain_server import allocator, compute, losses, validation
+        from embtrain_server.config import ServerConfig
 
+        # The server's allocator setting, so that the loss computes here as it does there (the bench's client,
+        # in this process, gets it too).
+        allocator.retain_freed_memory(ServerConfig().malloc_retain_bytes)
         losses.load_all()
         self.compute, self.validation = compute, validation
         self.loss = losses.get(loss)(params)

@@ -16,6 +16,8 @@ import yaml
 
 from embtrain.wire import DEFAULT_MAX_MESSAGE_BYTES
 
+from .allocator import MAX_RETAIN_BYTES
+
 
 
 def _default_state_dir() -> str:
@@ -54,6 +56,9 @@ class ServerConfig:
     # calling threads only make their OpenMP teams compete), four on a GPU (CPU work overlaps the kernels).
     workers: int = 0
     torch_threads: int = 0  # torch's intra-op threads; 0: torch's default (all cores)
+    # glibc keeps freed memory up to this many bytes for the next batch instead of unmapping it and faulting it in
+    # again (allocator.py); 0: glibc's own thresholds. Resident memory stays at the batches' high-water mark.
+    malloc_retain_bytes: int = 1024 * 1024 * 1024
     max_batch_elements: int = 64 * 1024 * 1024  # n x d of one request
     default_max_triplets: int = 100_000
     max_triplets_limit: int = 10_000_000
@@ -101,6 +106,9 @@ class ServerConfig:
             problems.append("tls_client_ca: needs tls_cert and tls_key (mutual TLS is on top of TLS)")
         if self.torch_threads < 0:
             problems.append(f"torch_threads: expected >= 0 (0: torch's default), got {self.torch_threads}")
+        if not 0 <= self.malloc_retain_bytes <= MAX_RETAIN_BYTES:
+            problems.append(f"malloc_retain_bytes: expected 0..{MAX_RETAIN_BYTES} (0: glibc's own thresholds), got "
+                            f"{self.malloc_retain_bytes}")
         if self.max_compute_seconds < 0 or self.compute_rate < 0:
             problems.append("max_compute_seconds and compute_rate: expected >= 0 (0: no limit / by device)")
         if self.inline_compute_seconds < 0 or self.inline_max_bytes < 0:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from embtrain.v1 import embtrain_pb2 as pb
 
-from . import devices, reflection
+from . import allocator, devices, reflection
 from .auth import Authenticator, load_tokens
 from .config import ServerConfig
 from .identity import IdentityInterceptor
@@ -205,6 +205,7 @@ async def start(config: ServerConfig) -> RunningServer:
     device = devices.resolve(config.device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    log.info("host memory allocator: %s", allocator.retain_freed_memory(config.malloc_retain_bytes))
     auth = Authenticator(load_tokens(config.token_file, config.tokens))
     check_exposure(config, auth)
     if config.unix_socket:
