@@ -338,18 +338,34 @@ class PairDistance(ABC):
         return None
 
 
-class ClampedEuclidean(PairDistance):
-    """LOSSES.md B.1: ``D = sqrt(max(||x - r||², 1e-12))``; zero gradient below the clamp (duplicates)."""
+def _both(aux: SqBlock, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``Σ_j w_ij (x_i - r_j)`` and its candidate-side counterpart, from a Gram-form block."""
+    gx, gr = aux.diff_sum(w, want_r=True)
+    assert gr is not None
+    return gx, gr
 
-    name = "clamped_euclidean"
+
+class _SquaredDifferences(PairDistance):
+    """A function of ``||x - r||²`` evaluated in Gram form on prepared candidate rows."""
+
     closed_form = gram = True
 
     def prepare(self, r: Tensor) -> CandidateRows | None:
         return CandidateRows(r.detach())
 
+    @staticmethod
+    def _block(x: Tensor, r: Tensor, prepared: CandidateRows | None, self_col: int | None) -> SqBlock:
+        return (prepared or CandidateRows(r.detach().to(x.dtype))).sq_block(x.detach(), self_col=self_col)
+
+
+class ClampedEuclidean(_SquaredDifferences):
+    """LOSSES.md B.1: ``D = sqrt(max(||x - r||², 1e-12))``; zero gradient below the clamp (duplicates)."""
+
+    name = "clamped_euclidean"
+
     def matrix(self, x: Tensor, r: Tensor, prepared: CandidateRows | None = None,
                self_col: int | None = None) -> tuple[Tensor, SqBlock | None]:
-        blk = (prepared or CandidateRows(r.detach().to(x.dtype))).sq_block(x.detach(), self_col=self_col)
+        blk = self._block(x, r, prepared, self_col)
         blk.keep_below(CLAMP_SQ)
         return blk.sq.clamp_min_(CLAMP_SQ).sqrt_(), blk  # one [b, m] matrix: the distances replace sq
 
@@ -367,10 +383,7 @@ class ClampedEuclidean(PairDistance):
                  aux: SqBlock | None) -> tuple[Tensor, Tensor]:
         assert aux is not None
         # clamp_min passes the gradient where sq >= CLAMP_SQ (torch's rule), so dD/dx = (x - r)/D there.
-        w = _zero_at(coef.div_(dist), aux.below_clamp())
-        gx, gr = aux.diff_sum(w, want_r=True)
-        assert gr is not None
-        return gx, gr
+        return _both(aux, _zero_at(coef.div_(dist), aux.below_clamp()))
 
 
 class TorchPairwiseDistance(PairDistance):
@@ -421,10 +434,7 @@ class TorchPairwiseDistance(PairDistance):
             w = torch.where(dist > 0, coef / dist, torch.zeros((), dtype=coef.dtype, device=coef.device))
             g = _differences(x, r, self.eps).mul_(w.to(torch.float64)[:, :, None])
             return g.sum(1).to(x.dtype), g.sum(0).neg_().to(x.dtype)
-        w = _zero_at(coef.div_(dist), aux.below(torch.finfo(dist.dtype).tiny))
-        gx, gr = aux.diff_sum(w, want_r=True)
-        assert gr is not None
-        return gx, gr
+        return _both(aux, _zero_at(coef.div_(dist), aux.below(torch.finfo(dist.dtype).tiny)))
 
     def _tiled_backward(self, x: Tensor, r: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
         # General p has no matmul form: autograd through torch's own distance on bounded broadcast tiles.
@@ -449,18 +459,14 @@ class TorchPairwiseDistance(PairDistance):
         return gx, gr
 
 
-class SquaredEuclidean(PairDistance):
+class SquaredEuclidean(_SquaredDifferences):
     """``||u - v||²`` (TF-Addons' "L_2"); smooth everywhere."""
 
     name = "squared_euclidean"
-    closed_form = gram = True
-
-    def prepare(self, r: Tensor) -> CandidateRows | None:
-        return CandidateRows(r.detach())
 
     def matrix(self, x: Tensor, r: Tensor, prepared: CandidateRows | None = None,
                self_col: int | None = None) -> tuple[Tensor, SqBlock | None]:
-        blk = (prepared or CandidateRows(r.detach().to(x.dtype))).sq_block(x.detach(), self_col=self_col)
+        blk = self._block(x, r, prepared, self_col)
         return blk.sq, blk
 
     def pairs(self, u: Tensor, v: Tensor) -> Tensor:
@@ -473,9 +479,7 @@ class SquaredEuclidean(PairDistance):
     def backward(self, x: Tensor, r: Tensor, coef: Tensor, dist: Tensor,
                  aux: SqBlock | None) -> tuple[Tensor, Tensor]:
         assert aux is not None
-        gx, gr = aux.diff_sum(coef.mul_(2.0), want_r=True)
-        assert gr is not None
-        return gx, gr
+        return _both(aux, coef.mul_(2.0))
 
 
 class CosineDistance(PairDistance):

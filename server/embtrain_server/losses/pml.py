@@ -474,6 +474,13 @@ def _elements(loss_dict: Mapping[str, Any]) -> list[torch.Tensor]:
             and info["losses"].is_floating_point()]
 
 
+def _sub_loss(info: Mapping[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """A sub-loss's ``losses`` as a tensor (PML writes a zero loss as the number 0), in ``like``'s dtype and device
+    when it is a number."""
+    losses = info["losses"]
+    return losses if torch.is_tensor(losses) else torch.as_tensor(float(losses), dtype=like.dtype, device=like.device)
+
+
 def _reduce_loss_dict(loss_dict: Mapping[str, Any], like: torch.Tensor,
                       weights: torch.Tensor | None) -> torch.Tensor:
     """DoNothingReducer: the loss the server differentiates. Without ``weights``, the sum of every element of every
@@ -496,10 +503,7 @@ def _reduce_loss_dict(loss_dict: Mapping[str, Any], like: torch.Tensor,
         return total if total is not None else torch.zeros((), dtype=like.dtype, device=like.device)
     total = None
     for info in loss_dict.values():
-        losses = info["losses"]
-        if not torch.is_tensor(losses):
-            losses = torch.as_tensor(float(losses), dtype=like.dtype, device=like.device)
-        part = losses.sum()
+        part = _sub_loss(info, like).sum()
         total = part if total is None else total + part
     return total if total is not None else torch.zeros((), dtype=like.dtype, device=like.device)
 
@@ -527,10 +531,7 @@ def _per_item(loss_dict: Mapping[str, Any], like: torch.Tensor, mode: str) -> to
             dtype = torch.promote_types(dtype, e.dtype)
         return torch.cat([e.to(dtype) for e in elements])
     for info in loss_dict.values():  # 'first': the first sub-loss's elements
-        losses = info["losses"]
-        if not torch.is_tensor(losses):
-            losses = torch.as_tensor(float(losses), dtype=like.dtype, device=like.device)
-        return losses.detach().reshape(-1)
+        return _sub_loss(info, like).detach().reshape(-1)
     return None
 
 
