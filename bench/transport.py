@@ -55,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -124,7 +124,8 @@ def serve_echo(unix_path: str = "") -> None:
 
 
 @contextlib.contextmanager
-def echo_server(unix_path: str = "") -> Iterator[str]:
+def echo_server(unix_path: str = "") -> Iterator[tuple[str, int]]:
+    """The echo server (``serve_echo``) in a subprocess; yields its TCP target and its pid."""
     from embtrain_server import process
 
     proc = subprocess.Popen([sys.executable, __file__, "--serve-echo", *([unix_path] if unix_path else [])],
@@ -133,25 +134,25 @@ def echo_server(unix_path: str = "") -> Iterator[str]:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line.strip().isdigit():
             raise RuntimeError(f"echo server did not start (exit code {proc.poll()})")
-        yield f"127.0.0.1:{int(line)}"
+        yield f"127.0.0.1:{int(line)}", proc.pid
     finally:
         process.stop(proc, grace=20.0)
 
 
 @contextlib.contextmanager
-def embtrain_server(device: str, workers: int, log_path: pathlib.Path,
-                    unix_socket: str = "") -> Iterator[tuple[str, str]]:
-    """An ``embtrain-server`` subprocess (also on the Unix socket ``unix_socket`` if given); yields its TCP target
-    and its metrics URL."""
+def embtrain_server(device: str, workers: int, log_path: pathlib.Path, unix_socket: str = "",
+                    torch_threads: int = 0) -> Iterator[tuple[str, str, int]]:
+    """An ``embtrain-server`` subprocess (also on the Unix socket ``unix_socket`` if given); yields its TCP target,
+    its metrics URL and its pid."""
     from embtrain_server import process
 
     metrics_port = process.free_port()
     args = ["--metrics-port", str(metrics_port), "--no-persist", "--device", device, "--drain-seconds", "2",
-            "--workers", str(workers), "--log-level", "WARNING", *(["--unix-socket", unix_socket] if unix_socket
-                                                                   else [])]
+            "--workers", str(workers), "--torch-threads", str(torch_threads), "--log-level", "WARNING",
+            *(["--unix-socket", unix_socket] if unix_socket else [])]
     with process.running(args, log_path=log_path, grace=20.0,
-                         env={"OMP_WAIT_POLICY": SERVER_OMP_WAIT_POLICY}) as (target, _):
-        yield target, f"http://127.0.0.1:{metrics_port}/metrics"
+                         env={"OMP_WAIT_POLICY": SERVER_OMP_WAIT_POLICY}) as (target, proc):
+        yield target, f"http://127.0.0.1:{metrics_port}/metrics", proc.pid
 
 
 # ---- workload ------------------------------------------------------------------------------------------------
@@ -357,19 +358,34 @@ class _Counter:
             self.count += 1
 
 
-def _windows(counter: _Counter, warmup_s: float, seconds: float, repeats: int) -> list[float]:
-    """Rates (per second) of ``counter`` over ``repeats`` consecutive windows after a warm-up."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, every thread included (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _windows(counter: _Counter, warmup_s: float, seconds: float, repeats: int,
+             pids: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Over ``repeats`` consecutive windows after a warm-up: the rate (per second) of ``counter`` and the CPU
+    milliseconds per counted item of each process in ``pids``."""
     time.sleep(warmup_s)
-    rates = []
+    windows = []
     for _ in range(repeats):
         c0, t0 = counter.count, time.perf_counter()
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         time.sleep(seconds)
-        rates.append((counter.count - c0) / (time.perf_counter() - t0))
-    return rates
+        count, elapsed = counter.count - c0, time.perf_counter() - t0
+        windows.append({"rate": count / elapsed, "cpu_ms": {
+            name: 1000 * (cpu_seconds(pid) - cpu0[name]) / max(count, 1) for name, pid in pids.items()}})
+    return windows
 
 
 def _run_threads(workers: list[Callable[[threading.Event], None]], counter: _Counter, warmup_s: float,
-                 seconds: float, repeats: int) -> list[float]:
+                 seconds: float, repeats: int, pids: Mapping[str, int]) -> list[dict[str, Any]]:
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -384,19 +400,22 @@ def _run_threads(workers: list[Callable[[threading.Event], None]], counter: _Cou
     for t in threads:
         t.start()
     try:
-        rates = _windows(counter, warmup_s, seconds, repeats)
+        windows = _windows(counter, warmup_s, seconds, repeats, pids)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
     if errors:
         raise RuntimeError(f"stream worker failed: {errors[0]!r}") from errors[0]
-    return rates
+    return windows
 
 
-def bench_streams(client: Any, echo: grpc.Channel, loss: str, params: dict[str, Any], device: str, n: int, d: int,
-                  dtype: str, concurrency: Sequence[int], seconds: float, repeats: int,
+def bench_streams(client: Any, echo: grpc.Channel, pids: Mapping[str, int], loss: str, params: dict[str, Any],
+                  device: str, n: int, d: int, dtype: str, concurrency: Sequence[int], seconds: float, repeats: int,
                   in_flight: int = 4) -> list[dict[str, Any]]:
+    """Rates of c concurrent streams against the in-process compute on c threads and the echo, and the CPU time
+    per batch that each spends (``pids``: the embtrain server's and the echo server's; the client and the
+    in-process compute are this process, which runs nothing else meanwhile)."""
     x, y = make_batch(n, d, dtype)
     _, req_bytes = client._request(x, y, {}, loss=loss, params=params, session_id=None, gradient=True,
                                    triplets=True, max_triplets=0, per_item_losses=False)
@@ -418,7 +437,9 @@ def bench_streams(client: Any, echo: grpc.Channel, loss: str, params: dict[str, 
                     counter.add()
             return run
 
-        inproc = _run_threads([inproc_worker(i) for i in range(c)], counter, 0.5, seconds, repeats)
+        me = os.getpid()
+        inproc = _run_threads([inproc_worker(i) for i in range(c)], counter, 0.5, seconds, repeats,
+                              {"process": me})
 
         # embtrain: c concurrent ComputeStream calls on the one client, ``in_flight`` batches ahead each.
         counter = _Counter()
@@ -431,7 +452,8 @@ def bench_streams(client: Any, echo: grpc.Channel, loss: str, params: dict[str, 
                 r.raise_for_error()
                 counter.add()
 
-        remote = _run_threads([stream_worker] * c, counter, 1.0, seconds, repeats)
+        remote = _run_threads([stream_worker] * c, counter, 1.0, seconds, repeats,
+                              {"server": pids["server"], "client": me})
 
         # Echo: the same bytes both ways on c streams, with the same window.
         counter = _Counter()
@@ -452,20 +474,29 @@ def bench_streams(client: Any, echo: grpc.Channel, loss: str, params: dict[str, 
             finally:
                 call.cancel()
 
-        echo_rates = _run_threads([echo_worker] * c, counter, 1.0, seconds, repeats)
-        med = {"inprocess": statistics.median(inproc), "compute": statistics.median(remote),
-               "echo": statistics.median(echo_rates)}
+        echo_rates = _run_threads([echo_worker] * c, counter, 1.0, seconds, repeats,
+                                  {"server": pids["echo"], "client": me})
+        runs = {"inprocess": inproc, "compute": remote, "echo": echo_rates}
+        med = {k: statistics.median(w["rate"] for w in v) for k, v in runs.items()}
+        cpu = {f"{k}_{name}": statistics.median(w["cpu_ms"][name] for w in v)
+               for k, v in runs.items() for name in v[0]["cpu_ms"]}
         ceiling = min(med["inprocess"], med["echo"])
+        cores = machine_cores()
+        # The most batches/s the embtrain path's CPU time per batch allows with every core busy all the time.
+        cpu_limit = 1000 * cores / (cpu["compute_server"] + cpu["compute_client"])
         rows.append({
             "n": n, "d": d, "dtype": dtype, "streams": c, "request_bytes": len(req_bytes),
             "response_bytes": resp_size,
             "inprocess_batches_per_s": med["inprocess"], "compute_batches_per_s": med["compute"],
             "echo_batches_per_s": med["echo"], "compute_embeddings_per_s": med["compute"] * n,
             "fraction_of_ceiling": med["compute"] / ceiling, "meets_target": med["compute"] >= 0.8 * ceiling,
-            "samples": {"inprocess": inproc, "compute": remote, "echo": echo_rates},
+            "cpu_ms_per_batch": cpu, "cores": cores, "cpu_limit_batches_per_s": cpu_limit,
+            "samples": runs,
         })
         print(f"  streams={c:2d} {n}x{d} {dtype}: compute {med['compute']:.1f}/s, echo {med['echo']:.1f}/s, "
-              f"in-process {med['inprocess']:.1f}/s -> {100 * rows[-1]['fraction_of_ceiling']:.0f}% of the ceiling",
+              f"in-process {med['inprocess']:.1f}/s -> {100 * rows[-1]['fraction_of_ceiling']:.0f}% of the ceiling; "
+              f"CPU ms/batch: in-process {cpu['inprocess_process']:.2f}, embtrain server {cpu['compute_server']:.2f} + "
+              f"client {cpu['compute_client']:.2f} (limit {cpu_limit:.0f}/s on {cores} cores)",
               flush=True)
     return rows
 
@@ -565,7 +596,7 @@ def bench_trace(loss: str, params: dict[str, Any], device: str, workers: int, sh
         try:
             target = f"127.0.0.1:{port}"
             process.wait_serving(target, lambda: proc.poll() is None)
-            with echo_server() as echo_target, grpc.insecure_channel(echo_target, options=channel_options()) as echo, \
+            with echo_server() as (echo_target, _), grpc.insecure_channel(echo_target, options=channel_options()) as echo, \
                     sdk.Client(target, timeout=600.0) as client:
                 echo_call = echo.unary_unary(f"/{ECHO_SERVICE}/Unary")
                 stubs = client._stubs_for(client.target)
@@ -862,6 +893,14 @@ def render_framing(framing: dict[str, Any]) -> list[str]:
 # ---- report --------------------------------------------------------------------------------------------------
 
 
+def machine_cores() -> int:
+    """The cores this process may use (taskset), not what the host has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def machine(device: str) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -872,11 +911,7 @@ def machine(device: str) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    try:
-        cores = len(os.sched_getaffinity(0))  # what this process may use (taskset), not what the host has
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "host_cores": os.cpu_count(), "python": platform.python_version(),
+    info = {"cpu": cpu, "cores": machine_cores(), "host_cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__,
             "grpcio": grpc.__version__, "numpy": np.__version__, "device": device,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -917,7 +952,9 @@ def render(result: dict[str, Any]) -> str:
         f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m.get('protobuf', '?')}; "
         f"{m['date']}; load average at start {', '.join(f'{v:.1f}' for v in m.get('load_average', ()))}. "
         f"Loss `{result['loss']}` {json.dumps(result['params'])}; medians of {result['repeats']} after "
-        f"{result['warmup']} warm-up calls.",
+        f"{result['warmup']} warm-up calls"
+        + (f"; the server with --torch-threads {result['server_torch_threads']}"
+           if result.get("server_torch_threads") else "") + ".",
         "",
         "**Unary `Compute` round trip** (ms). Target: Compute <= in-process + 1.25 x echo. 'server handler' and "
         "'server compute' come from the server's own metrics for the same calls; the last three columns judge the "
@@ -954,6 +991,8 @@ def render(result: dict[str, Any]) -> str:
                          f"{r['inprocess_batches_per_s']:.1f} | {r['echo_batches_per_s']:.1f} | "
                          f"{r['compute_batches_per_s']:.1f} | {r['compute_embeddings_per_s']:,.0f} | "
                          f"{100 * r['fraction_of_ceiling']:.0f}% | {'yes' if r['meets_target'] else '**no**'} |")
+        if all("cpu_ms_per_batch" in r for r in result["streams"]):
+            lines += render_stream_cpu(result["streams"])
     prof = result.get("profile")
     if prof:
         lines += [
@@ -977,6 +1016,30 @@ def render(result: dict[str, Any]) -> str:
     if result.get("framing"):
         lines += ["", *render_framing(result["framing"])]
     return "\n".join(lines)
+
+
+def render_stream_cpu(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Where the streams' CPU goes: CPU time per batch of each process (all its threads, user + system), and the
+    rate that CPU time allows at most with every core busy all the time."""
+    lines = [
+        "",
+        "**CPU per streamed batch** (ms of CPU time, user + system, all threads of the process, per batch; medians "
+        "of the same windows). 'CPU limit' = cores x 1000 / (server + client): the most batches/s the embtrain path "
+        "could reach with every core busy all the time; 'limit / ceiling' below 80% means the target is out of "
+        "reach on this host before any scheduling loss.",
+        "",
+        "| n | d | dtype | streams | in-process | embtrain server | SDK client | echo server | echo client | "
+        "CPU limit batches/s | limit / ceiling |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cpu = r["cpu_ms_per_batch"]
+        ceiling = min(r["inprocess_batches_per_s"], r["echo_batches_per_s"])
+        lines.append(f"| {r['n']} | {r['d']} | {r['dtype']} | {r['streams']} | {cpu['inprocess_process']:.2f} | "
+                     f"{cpu['compute_server']:.2f} | {cpu['compute_client']:.2f} | {cpu['echo_server']:.2f} | "
+                     f"{cpu['echo_client']:.2f} | {r['cpu_limit_batches_per_s']:.0f} | "
+                     f"{100 * r['cpu_limit_batches_per_s'] / ceiling:.0f}% |")
+    return lines
 
 
 def render_framing_only(result: dict[str, Any]) -> str:
@@ -1056,6 +1119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stream-repeats", type=int, default=3)
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight per stream")
     p.add_argument("--workers", type=int, default=0, help="the embtrain server's --workers (0: by device)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="the embtrain server's --torch-threads (0: torch's default); the in-process runs keep torch's "
+                        "default, so the ceiling stays what computing the loss locally costs")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-trace", action="store_true", help="skip the in-place trace of unary calls")
     p.add_argument("--trace-shapes", default="256x128:float32,1024x128:float32,1024x512:float32",
@@ -1128,7 +1194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     only_unix = args.only == "unix"
     name = f"transport-unix-{dev_tag}" if only_unix else f"transport-{dev_tag}"
     out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"{name}.json")
-    result: dict[str, Any] = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats}
+    result: dict[str, Any] = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats,
+                              "server_torch_threads": args.torch_threads}
     if not only_unix:
         result.update({"seconds": args.seconds, "stream_repeats": args.stream_repeats, "in_flight": args.in_flight,
                        "unary": [], "streams": []})
@@ -1144,15 +1211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sock_dir:
         cleanup.callback(shutil.rmtree, sock_dir, True)
     server_log = out.parent / f"{name}-server.log"
-    with cleanup, embtrain_server(args.device, args.workers, server_log, server_sock) as (target, murl), \
-            echo_server(echo_sock) as echo_target, embtrain.Client(target, timeout=600.0) as client, \
+    with cleanup, embtrain_server(args.device, args.workers, server_log, server_sock,
+                                  args.torch_threads) as (target, murl, server_pid), \
+            echo_server(echo_sock) as (echo_target, echo_pid), embtrain.Client(target, timeout=600.0) as client, \
             grpc.insecure_channel(echo_target, options=channel_options()) as echo:
         names = {li.name for li in client.losses()}
         loss = args.loss if args.loss in names else "contrastive"
         params: dict[str, Any] = {}
         result["loss"], result["params"] = loss, params
         print(f"loss {loss}; embtrain at {target}, echo at {echo_target}", flush=True)
-        for dtype in args.dtypes.split(",") if not only_unix else ():
+        for dtype in [t for t in args.dtypes.split(",") if t] if not only_unix else ():  # '': no unary rows
             for d in _ints(args.dims):
                 for n in _ints(args.sizes):
                     r = bench_unary(client, echo, murl, loss, params, args.device, n, d, dtype, args.warmup,
@@ -1166,9 +1234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.streams and not only_unix:
             for shape in args.stream_shapes.split(","):
                 n, d, dtype = _shape(shape)
-                result["streams"] += bench_streams(client, echo, loss, params, args.device, n, d, dtype,
-                                                   _ints(args.streams), args.seconds, args.stream_repeats,
-                                                   args.in_flight)
+                result["streams"] += bench_streams(client, echo, {"server": server_pid, "echo": echo_pid}, loss,
+                                                   params, args.device, n, d, dtype, _ints(args.streams),
+                                                   args.seconds, args.stream_repeats, args.in_flight)
         if "unix" in result:
             with embtrain.Client(f"unix://{server_sock}", timeout=600.0) as uds, \
                     grpc.insecure_channel(f"unix://{echo_sock}", options=channel_options()) as uds_echo:
