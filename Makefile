@@ -12,7 +12,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9400
 PYTEST_ARGS ?=
 
-.PHONY: all install serve test test-fast proto proto-check lint-docker check-deploy fuzz bench bench-losses bench-transport bench-load bench-groups bench-replicas demo clean
+.PHONY: all install serve test test-fast proto proto-check lint-docker check-deploy fuzz bench bench-losses bench-allocator bench-transport bench-load bench-groups bench-replicas demo clean
 
 all: test
 
@@ -51,11 +51,14 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	EMBTRAIN_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/test_fuzz.py
 
-bench: bench-losses bench-transport bench-load bench-groups bench-replicas
+bench: bench-losses bench-allocator bench-transport bench-load bench-groups bench-replicas
 
 # Each benchmark writes its JSON under bench/results/ and its tables into bench/README.md.
 bench-losses: $(STAMP)
 	$(PY) bench/losses.py --out bench/results/losses-cpu.json --markdown bench/results/losses-cpu.md
+
+bench-allocator: $(STAMP)
+	$(PY) bench/allocator.py --markdown
 
 bench-transport: $(STAMP)
 	$(PY) bench/transport.py --out bench/results/transport-cpu.json --markdown

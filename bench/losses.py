@@ -273,9 +273,9 @@ def _worker_main(spec_json: str) -> None:
 def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_ARENA_MAX="2")  # glibc arenas would otherwise eat the address-space limit
     if os.environ.get("BENCH_WARM_MALLOC", "1") != "0":
-        # glibc's malloc as a long-running process has it: its dynamic mmap threshold has grown to the 32 MiB cap
-        # and freed memory stays mapped, so a call does not page-fault through temporaries a previous call just
-        # returned to the kernel (a fresh process trims them on every call). The same for native and PML.
+        # glibc's malloc kept warm, as the server keeps it (its malloc_retain_bytes, allocator.py): freed memory
+        # stays mapped, so a call does not page-fault through temporaries a previous call just returned to the
+        # kernel. The same for native and PML.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))
         env.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 * 2**20))
     if spec.get("threads"):
