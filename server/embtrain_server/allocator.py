@@ -4,9 +4,10 @@ Every batch allocates and frees the same large temporaries: distance matrices, m
 of the request's tensors and the encoded answer. glibc's malloc serves blocks above its mmap threshold (128 KiB at
 first, raised as blocks are freed, never above 32 MiB) with a fresh ``mmap`` and returns them with ``munmap``, and
 gives the top of a heap back as soon as more than the trim threshold is free there. So each batch faulted its
-temporaries in again, page by page, zero-filled by the kernel: 6-9 ms of system time in a 1024 x 512
-``batch_hard_triplet`` batch that computes in 13 ms without it, 46-61 ms in a 4096 x 512 one (bench/README.md,
-Transport). With both thresholds at ``malloc_retain_bytes`` the blocks stay in the heap and are reused.
+temporaries in again, page by page, zero-filled by the kernel. With both thresholds at ``malloc_retain_bytes`` the
+blocks stay in the heap and are reused: a 1024 x 512 ``batch_hard_triplet`` batch on 2 cores took 20.4 ms with
+6 ms of system time before, 15.1 ms with 1 ms after; a 4096 x 512 one 192 ms (61 ms system) before, 154 ms (17 ms)
+after (``bench/allocator.py``).
 
 The cost is resident memory: freed memory up to that amount stays with the process (the high-water mark of the
 batches, not a leak). 0 leaves glibc's own dynamic thresholds. Set ``MALLOC_TRIM_THRESHOLD_``,

@@ -19,7 +19,6 @@ from embtrain.wire import DEFAULT_MAX_MESSAGE_BYTES
 from .allocator import MAX_RETAIN_BYTES
 
 
-
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "embtrain", "state")
